@@ -1,0 +1,50 @@
+"""What an adapter tells the core about a host's layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass
+class LayerSpec:
+    """How one host layer is relaxed.
+
+    arg_irreps: irreps of each positional argument of the layer's forward
+        (None for arguments that do not rotate, e.g. external weights).
+    branch_args: indices of the positional arguments the branch reads
+        (concatenated along the last axis).
+    irreps_out: irreps of the layer's output.
+    mergeable: whether ``merge`` can fold a projected linear branch into the
+        host layer's own weights.
+    """
+
+    arg_irreps: tuple
+    branch_args: tuple
+    irreps_out: object
+    mergeable: bool = False
+
+
+class Adapter:
+    """Knows a host model family: which layers to relax, how, and how to merge back."""
+
+    name = "base"
+
+    def matches(self, model: nn.Module) -> bool:
+        """True when this adapter should be chosen automatically for ``model``."""
+        return False
+
+    def candidates(self, model: nn.Module) -> dict:
+        """``{qualified name: module}`` of every layer this adapter can relax."""
+        raise NotImplementedError
+
+    def default_targets(self, model: nn.Module) -> dict:
+        return self.candidates(model)
+
+    def spec(self, module: nn.Module) -> LayerSpec:
+        raise NotImplementedError
+
+    def merge(self, layer, weight) -> None:
+        """Fold ``weight`` (dense [dim_out, dim_in_features], equivariant) into ``layer.base``."""
+        raise NotImplementedError

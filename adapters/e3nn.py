@@ -1,0 +1,120 @@
+"""e3nn adapter: relax any model built from ``o3.Linear`` and ``o3.TensorProduct`` layers.
+
+Works with e3nn 0.4.4 (MACE's pin) and 0.6 (NequIP's). ``o3.Linear`` branches
+read the layer's input features; tensor-product branches read both inputs
+concatenated. Export merges a projected linear branch into ``o3.Linear``'s own
+weight vector, path normalisation included.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..core._e3nn import o3
+from ..core.irreps import as_irreps
+from ..core.projection import HaarProjector
+from .base import Adapter, LayerSpec
+
+RELAXABLE = (o3.Linear, o3.TensorProduct)
+
+
+class E3nnAdapter(Adapter):
+    name = "e3nn"
+
+    def matches(self, model):
+        return any(isinstance(m, RELAXABLE) for m in model.modules())
+
+    def candidates(self, model):
+        return {name: m for name, m in model.named_modules() if isinstance(m, RELAXABLE)}
+
+    def default_targets(self, model):
+        """Every candidate except the tensor products inside e3nn's own activations (``e3nn.nn.Gate``)."""
+        inside_activation = {
+            f"{parent}.{child}" if parent else child
+            for parent, module in model.named_modules()
+            if type(module).__module__.startswith("e3nn.nn")
+            for child, _ in module.named_modules()
+            if child
+        }
+        return {n: m for n, m in self.candidates(model).items() if n not in inside_activation}
+
+    def spec(self, module):
+        if isinstance(module, o3.Linear):
+            # o3.Linear(features, weight=None, bias=None)
+            return LayerSpec(
+                arg_irreps=(module.irreps_in, None, None),
+                branch_args=(0,),
+                irreps_out=module.irreps_out,
+                mergeable=bool(module.internal_weights and module.shared_weights),
+            )
+        if isinstance(module, o3.TensorProduct):
+            return LayerSpec(
+                arg_irreps=(module.irreps_in1, module.irreps_in2, None),
+                branch_args=(0, 1),
+                irreps_out=module.irreps_out,
+                mergeable=False,
+            )
+        raise TypeError(f"equirelax: the e3nn adapter cannot relax {type(module).__name__}")
+
+    @staticmethod
+    def _path_scales(linear) -> list[float]:
+        """The factor each instruction applies to its weight, read off the layer itself.
+
+        e3nn's normalisation conventions changed between versions; a one-hot weight
+        through the layer's own forward gives the factor whatever the version.
+        """
+        probe = copy.deepcopy(linear).to(device="cpu", dtype=torch.float64)
+        scales = []
+        offset = 0
+        slices_in = linear.irreps_in.slices()
+        slices_out = linear.irreps_out.slices()
+        for ins in linear.instructions:
+            weight = torch.zeros(linear.weight_numel, dtype=torch.float64)
+            weight[offset] = 1.0
+            x = torch.zeros(linear.irreps_in.dim, dtype=torch.float64)
+            x[slices_in[ins.i_in].start] = 1.0
+            y = probe(x, weight)
+            scales.append(float(y[slices_out[ins.i_out].start]))
+            offset += ins.path_shape[0] * ins.path_shape[1]
+        return scales
+
+    def merge(self, layer, weight):
+        """Add the equivariant dense map ``weight`` (already scaled by γ) to ``o3.Linear`` weights."""
+        linear = layer.base
+        if not isinstance(linear, o3.Linear) or not layer.mergeable:
+            raise TypeError("equirelax: only o3.Linear layers with internal shared weights can be merged")
+        irreps_in, irreps_out = as_irreps(linear.irreps_in), as_irreps(linear.irreps_out)
+        projector = HaarProjector(irreps_in, irreps_out, "O3")
+        scales = self._path_scales(linear)
+        slices_in, slices_out = irreps_in.slices(), irreps_out.slices()
+        covered = torch.zeros(projector.shape, dtype=torch.bool)
+        delta = torch.zeros(linear.weight_numel, dtype=torch.float64)
+        offset = 0
+        for ins, scale in zip(linear.instructions, scales):
+            mul_in, mul_out = ins.path_shape
+            d = irreps_in[ins.i_in].ir.dim
+            block = weight[slices_out[ins.i_out], slices_in[ins.i_in]].to(torch.float64)
+            # block is [mul_out*d, mul_in*d] = c ⊗ I_d; read c from the diagonals
+            c = block.reshape(mul_out, d, mul_in, d).diagonal(dim1=1, dim2=3).mean(-1)  # [mul_out, mul_in]
+            delta[offset : offset + mul_in * mul_out] += (c.T / scale).reshape(-1).cpu()
+            covered[slices_out[ins.i_out], slices_in[ins.i_in]] = True
+            offset += mul_in * mul_out
+        leftover = weight.detach().cpu().to(torch.float64).masked_fill(covered, 0.0)
+        if leftover.abs().max() > 1e-12 * max(1.0, float(weight.abs().max())):
+            raise ValueError(
+                "equirelax: the projected branch has equivariant paths that this o3.Linear has no instruction "
+                "for, so it cannot be merged exactly; export with mode='drop' or build the layer with all paths"
+            )
+        with torch.no_grad():
+            linear.weight.add_(delta.to(device=linear.weight.device, dtype=linear.weight.dtype))
+
+    @staticmethod
+    def relaxable_types():
+        return RELAXABLE
+
+
+def is_relaxable(module: nn.Module) -> bool:
+    return isinstance(module, RELAXABLE)

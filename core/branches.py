@@ -1,0 +1,74 @@
+"""Unconstrained branches f_neq added next to a host layer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+INITS = ("zero", "random")
+
+
+def _check_init(init: str) -> str:
+    if init not in INITS:
+        raise ValueError(
+            f"equirelax: unknown branch init {init!r}; choose 'zero' (output unchanged at step 0, for "
+            f"pretrained models) or 'random' (small random weights, as in the papers, for training from scratch)"
+        )
+    return init
+
+
+class LinearBranch(nn.Module):
+    """Dense map on the flattened feature vector: every irrep mixed with every other."""
+
+    kind = "linear"
+
+    def __init__(self, dim_in: int, dim_out: int, init: str = "zero", init_std: float = 1e-2):
+        super().__init__()
+        self.dim_in, self.dim_out = dim_in, dim_out
+        self.weight = nn.Parameter(torch.empty(dim_out, dim_in))
+        if _check_init(init) == "zero":
+            nn.init.zeros_(self.weight)
+        else:
+            nn.init.normal_(self.weight, std=init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"dim_in={self.dim_in}, dim_out={self.dim_out}"
+
+
+class MLPBranch(nn.Module):
+    """Two-layer GELU MLP with a hidden width of twice the input dimension."""
+
+    kind = "mlp"
+
+    def __init__(self, dim_in: int, dim_out: int, init: str = "zero", init_std: float = 1e-2):
+        super().__init__()
+        self.dim_in, self.dim_out = dim_in, dim_out
+        hidden = 2 * dim_in
+        self.fc1 = nn.Linear(dim_in, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim_out)
+        nn.init.normal_(self.fc1.weight, std=1.0 / math.sqrt(dim_in))
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.zeros_(self.fc2.bias)
+        # only the last layer decides whether the branch starts silent
+        if _check_init(init) == "zero":
+            nn.init.zeros_(self.fc2.weight)
+        else:
+            nn.init.normal_(self.fc2.weight, std=init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+BRANCHES = {"linear": LinearBranch, "mlp": MLPBranch}
+
+
+def make_branch(kind: str, dim_in: int, dim_out: int, init: str = "zero", init_std: float = 1e-2) -> nn.Module:
+    if kind not in BRANCHES:
+        raise ValueError(f"equirelax: unknown branch kind {kind!r}; choose one of {sorted(BRANCHES)}")
+    return BRANCHES[kind](dim_in, dim_out, init=init, init_std=init_std)

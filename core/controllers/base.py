@@ -1,0 +1,67 @@
+"""Controller base class: option validation and shared per-step helpers."""
+
+from __future__ import annotations
+
+import torch
+
+from ..hookspecs import hookimpl
+
+
+class Controller:
+    """A controller steers the per-layer levels γ_i.
+
+    Subclasses declare ``name``, ``defaults`` (every accepted option with its
+    default), ``learnable_gamma`` (γ is an ``nn.Parameter`` trained by the host
+    optimizer) and what the layers must record each step (``needs_inputs``,
+    ``needs_probe``). They implement the hooks of :mod:`equirelax.core.hookspecs`.
+    """
+
+    name = "base"
+    defaults: dict = {}
+    learnable_gamma = False
+    needs_inputs = False
+    needs_probe = False
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            raise TypeError(
+                f"equirelax: controller {self.name!r} got unknown option(s) {unknown}; "
+                f"its options are {sorted(self.defaults)}"
+            )
+        self.options = {**self.defaults, **options}
+        self.validate()
+        self.layers = {}
+
+    def validate(self):
+        """Raise ValueError for option values that cannot work."""
+
+    def _positive(self, *names, allow_zero=False):
+        for name in names:
+            value = self.options[name]
+            if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+                bound = ">= 0" if allow_zero else "> 0"
+                raise ValueError(f"equirelax: {self.name} option {name!r} must be a number {bound}, got {value!r}")
+
+    def initial_gamma(self) -> float:
+        return 1.0
+
+    @hookimpl
+    def equirelax_model_patched(self, handle, layers):
+        self.layers = layers
+        for layer in layers.values():
+            layer.capture_inputs = self.needs_inputs
+            layer.use_probe = self.needs_probe
+        self.setup(layers)
+
+    def setup(self, layers):
+        """Create per-layer state buffers."""
+
+    @hookimpl
+    def equirelax_metrics(self, handle):
+        return {}
+
+    @staticmethod
+    def keep_if(finite: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """Sync-free skip of a non-finite step."""
+        return torch.where(finite, new, old)

@@ -1,0 +1,135 @@
+"""CR: scheduled constraint relaxation (Pertigkiozoglou et al., NeurIPS 2024).
+
+One global level θ shared by all relaxed layers, set by a schedule over epochs,
+plus a regulariser on the branch only: λ_reg·(√LD + √N), with the Lie-derivative
+term LD = Σ_k ‖f(A_k x) − A_k f(x)‖² over the three so(3) generators and the
+norm term N = ‖f(x)‖², both on detached layer inputs. The regulariser's gradient
+is added to the branch gradients after backward, so the host loss is untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..branches import LinearBranch
+from ..hookspecs import hookimpl
+from ..irreps import so3_generators
+from .base import Controller
+
+SCHEDULES = ("triangular", "linear", "constant")
+
+
+def cr_schedule(schedule: str, epoch: int, epochs: int | None, theta: float = 1.0) -> float:
+    """θ at the start of ``epoch`` (0-based). Triangular and linear end at exactly 0 after ``epochs``."""
+    if schedule == "constant":
+        return float(theta)
+    if epoch >= epochs:
+        return 0.0
+    if schedule == "linear":
+        return 1.0 - epoch / epochs
+    half = epochs / 2
+    return 2.0 * epoch / epochs if epoch <= half else 1.0 - 2.0 * (epoch - half) / epochs
+
+
+def lie_derivative_terms(branch: nn.Module, x: torch.Tensor, A_in: torch.Tensor, A_out: torch.Tensor):
+    """``(LD, N)`` averaged over the rows of ``x``.
+
+    LD = Σ_k ‖J_f(x) A_k x − A_k f(x)‖², N = ‖f(x)‖². The three generator
+    actions are stacked along their own leading axis (never reshaped into the
+    feature axis), so an exactly equivariant f gives LD = 0.
+    """
+    x = x.reshape(-1, x.shape[-1])
+    n = max(x.shape[0], 1)
+    A_in = A_in.to(dtype=x.dtype, device=x.device)
+    A_out = A_out.to(dtype=x.dtype, device=x.device)
+    Ax = torch.einsum("kij,nj->kni", A_in, x)
+    fx = branch(x)
+    if isinstance(branch, LinearBranch):
+        JAx = branch(Ax)
+    else:
+        JAx = torch.stack(
+            [torch.autograd.functional.jvp(branch, x, Ax[k], create_graph=True)[1] for k in range(Ax.shape[0])]
+        )
+    Afx = torch.einsum("kij,nj->kni", A_out, fx)
+    lie = (JAx - Afx).pow(2).sum() / n
+    norm = fx.pow(2).sum() / n
+    return lie, norm
+
+
+class CR(Controller):
+    name = "cr"
+    defaults = {"schedule": "triangular", "epochs": None, "theta": 1.0, "reg_weight": 0.01, "eps": 1e-12}
+    needs_inputs = True
+
+    def validate(self):
+        schedule = self.options["schedule"]
+        if schedule not in SCHEDULES:
+            raise ValueError(f"equirelax: cr option 'schedule' must be one of {SCHEDULES}, got {schedule!r}")
+        if schedule != "constant":
+            epochs = self.options["epochs"]
+            if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs <= 0:
+                raise ValueError(
+                    f"equirelax: cr schedule {schedule!r} needs 'epochs', the total number of training "
+                    f"epochs (a positive integer), got {epochs!r}"
+                )
+        self._positive("reg_weight", allow_zero=True)
+        self._positive("eps")
+
+    def theta(self, epoch: int) -> float:
+        o = self.options
+        return cr_schedule(o["schedule"], epoch, o["epochs"], o["theta"])
+
+    def initial_gamma(self) -> float:
+        return self.theta(0)
+
+    def setup(self, layers):
+        self.generators = {
+            name: (so3_generators(layer.branch_irreps_in), so3_generators(layer.irreps_out))
+            for name, layer in layers.items()
+        }
+        self.last_regulariser = None
+
+    def regulariser(self) -> torch.Tensor | None:
+        """λ_reg · Σ_layers (√LD + √N) on the inputs cached during this step's forward."""
+        total = None
+        eps = self.options["eps"]
+        for name, layer in self.layers.items():
+            if not layer.cached_inputs:
+                continue
+            x = torch.cat([c.reshape(-1, c.shape[-1]) for c in layer.cached_inputs])
+            A_in, A_out = self.generators[name]
+            lie, norm = lie_derivative_terms(layer.branch, x, A_in, A_out)
+            term = torch.sqrt(lie + eps) + torch.sqrt(norm + eps)
+            total = term if total is None else total + term
+        return None if total is None else self.options["reg_weight"] * total
+
+    @hookimpl
+    def equirelax_after_backward(self, handle, finite):
+        if self.options["reg_weight"] == 0:
+            return
+        with torch.enable_grad():
+            reg = self.regulariser()
+            if reg is None:
+                return
+            params = [p for layer in self.layers.values() for p in layer.branch.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(reg, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            g = torch.where(finite, g, torch.zeros_like(g))
+            p.grad = g if p.grad is None else p.grad + g
+        self.last_regulariser = reg.detach()
+
+    @hookimpl
+    def equirelax_epoch_end(self, handle, epoch):
+        value = self.theta(epoch)
+        for layer in self.layers.values():
+            layer.gamma.data.fill_(value)
+
+    @hookimpl
+    def equirelax_metrics(self, handle):
+        metrics = {"cr/theta": self.theta(handle.epoch)}
+        if self.last_regulariser is not None:
+            metrics["cr/regulariser"] = float(self.last_regulariser)
+        return metrics

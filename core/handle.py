@@ -1,0 +1,389 @@
+"""Public entry points: ``relax``, ``export`` and the handle a relaxed model is driven through."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import warnings
+
+import pluggy
+import torch
+from torch import nn
+
+from . import hookspecs
+from .branches import LinearBranch, make_branch
+from .controllers import get_controller
+from .irreps import check_group
+from .layer import RelaxedLayer
+
+STATE_FORMAT = 1
+NONFINITE_POLICIES = ("warn", "raise")
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    parent._modules[child] = module
+
+
+def _resolve_targets(model, adapter, targets) -> dict:
+    candidates = adapter.candidates(model)
+    if targets is None:
+        chosen = adapter.default_targets(model)
+    else:
+        modules = dict(model.named_modules())
+        chosen = {}
+        for target in targets if isinstance(targets, (list, tuple)) else [targets]:
+            if isinstance(target, type):
+                matched = {n: m for n, m in candidates.items() if isinstance(m, target)}
+                if not matched and not any(isinstance(m, target) for m in modules.values()):
+                    raise ValueError(f"equirelax: target type {target.__name__} matches no layer of the model")
+                if not matched:
+                    raise ValueError(
+                        f"equirelax: layers of type {target.__name__} have no irreps information, so no "
+                        f"equivariant projection exists for a branch on them; relaxable layers are "
+                        f"{sorted(candidates) or 'none'}"
+                    )
+            elif isinstance(target, str):
+                matched = {n: m for n, m in candidates.items() if fnmatch.fnmatchcase(n, target)}
+                if not matched and target in modules and target:
+                    raise ValueError(
+                        f"equirelax: layer {target!r} ({type(modules[target]).__name__}) has no irreps "
+                        f"information, so no equivariant projection exists for a branch on it; relaxable "
+                        f"layers are {sorted(candidates) or 'none'}"
+                    )
+            else:
+                raise TypeError(f"equirelax: a target is a name pattern or a module type, got {target!r}")
+            chosen.update(matched)
+        if not chosen:
+            raise ValueError(
+                f"equirelax: targets {targets!r} matched no relaxable layer; relaxable layers are "
+                f"{sorted(candidates) or 'none (the model has no layer the ' + adapter.name + ' adapter knows)'}"
+            )
+    if "" in chosen:
+        raise ValueError(
+            "equirelax: the model itself is a single relaxable layer and cannot be replaced in place; "
+            "put it in a container (e.g. torch.nn.Sequential(layer)) and relax that"
+        )
+    # relax the outermost match only: a layer inside another relaxed layer would be wrapped twice
+    names = sorted(chosen)
+    return {n: chosen[n] for n in names if not any(n.startswith(o + ".") for o in names if o != n)}
+
+
+class RelaxHandle:
+    """Drives a relaxed model: levels, controller hooks, state, projection modes.
+
+    With a plain PyTorch loop, ``handle.wrap(optimizer)`` is all that is needed
+    per step; call ``handle.epoch_end()`` after each epoch. Host trainers call
+    ``after_backward`` / ``after_step`` / ``epoch_end`` from their own hooks.
+    """
+
+    def __init__(self, model, layers, controller, adapter, config):
+        self.model = model
+        self.layers = layers
+        self.controller = controller
+        self.adapter = adapter
+        self.config = config
+        self.plugins = pluggy.PluginManager(hookspecs.PROJECT)
+        self.plugins.add_hookspecs(hookspecs)
+        self.plugins.register(controller, name="controller")
+        self.plugins.load_setuptools_entrypoints(hookspecs.PROJECT)
+        self.hook = self.plugins.hook
+        self.epoch = 0
+        self._finite = None
+        self._reported_nonfinite = 0
+        self._wrapped = []
+        for layer in layers.values():
+            layer.add_state("epoch", torch.zeros((), dtype=torch.long))
+            layer.add_state("nonfinite", torch.zeros((), dtype=torch.long))
+        self.hook.equirelax_model_patched(handle=self, layers=layers)
+
+    # ---------------------------------------------------------------- reading
+    def levels(self) -> dict:
+        """γ of every relaxed layer, as floats (reads from the device)."""
+        return {name: float(layer.gamma.detach()) for name, layer in self.layers.items()}
+
+    def parameters(self):
+        """Parameters equirelax added: branch weights and learnable γ."""
+        for layer in self.layers.values():
+            yield from layer.branch.parameters()
+            if isinstance(layer.gamma, nn.Parameter):
+                yield layer.gamma
+
+    def metrics(self) -> dict:
+        """Scalars to log: γ per layer plus the controller's own (λ, slack, gap, θ)."""
+        metrics = {f"gamma/{name}": value for name, value in self.levels().items()}
+        for extra in self.hook.equirelax_metrics(handle=self):
+            metrics.update(extra or {})
+        metrics["nonfinite_steps"] = self._first().state("nonfinite").item()
+        return metrics
+
+    def _first(self) -> RelaxedLayer:
+        return next(iter(self.layers.values()))
+
+    # --------------------------------------------------------------- training
+    def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Attach the controller to ``optimizer`` (returned as is, so LR schedulers keep working).
+
+        Parameters equirelax added that the optimizer does not hold yet are added
+        as a new param group with the first group's settings.
+        """
+        if any(opt is optimizer for opt in self._wrapped):
+            return optimizer  # already attached: a second set of hooks would run the controller twice
+        self._wrapped.append(optimizer)
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [p for p in self.parameters() if id(p) not in held]
+        if missing:
+            optimizer.add_param_group({"params": missing})
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.after_backward())
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: self.after_step())
+        return optimizer
+
+    def _gradients_finite(self) -> torch.Tensor:
+        checks = [torch.isfinite(p.grad).all() for p in self.parameters() if p.grad is not None]
+        for layer in self.layers.values():
+            checks.extend(torch.isfinite(p.grad).all() for p in layer.probes if p.grad is not None)
+        device = self._first().gamma.device
+        if not checks:
+            return torch.ones((), dtype=torch.bool, device=device)
+        return torch.stack(checks).all()
+
+    def after_backward(self):
+        """Call after ``loss.backward()`` and before ``optimizer.step()``."""
+        finite = self._gradients_finite()
+        self._finite = finite
+        for layer in self.layers.values():
+            counter = layer.state("nonfinite")
+            counter.add_((~finite).long())
+        if self.config["on_nonfinite"] == "raise" and not bool(finite):
+            self._clear_step()
+            raise FloatingPointError(
+                f"equirelax: non-finite loss or gradient (NaN/inf) at epoch {self.epoch}; the controller state "
+                f"was not updated. Lower the learning rate or check the data (on_nonfinite='warn' skips such steps)"
+            )
+        self.hook.equirelax_after_backward(handle=self, finite=finite)
+
+    def after_step(self):
+        """Call after ``optimizer.step()``."""
+        finite = self._finite if self._finite is not None else self._gradients_finite()
+        self.hook.equirelax_after_optimizer_step(handle=self, finite=finite)
+        self._finite = None
+        self._clear_step()
+
+    def _clear_step(self):
+        for layer in self.layers.values():
+            layer.clear_step_cache()
+
+    def epoch_end(self):
+        """Call once after each training epoch (schedules advance; skipped steps are reported)."""
+        self.epoch += 1
+        for layer in self.layers.values():
+            layer.state("epoch").fill_(self.epoch)
+        self.hook.equirelax_epoch_end(handle=self, epoch=self.epoch)
+        skipped = int(self._first().state("nonfinite"))
+        if skipped > self._reported_nonfinite:
+            warnings.warn(
+                f"equirelax: {skipped - self._reported_nonfinite} training step(s) had a non-finite loss or "
+                f"gradient (NaN/inf); the controller skipped them (its γ/λ/state are unchanged by those steps)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._reported_nonfinite = skipped
+
+    # ------------------------------------------------------------------ modes
+    @contextlib.contextmanager
+    def mode(self, mode: str):
+        """Temporarily evaluate the model as ``"projected"`` (branch replaced by P(branch)),
+        ``"equivariant"`` (γ := 0) or ``"relaxed"``."""
+        previous = {name: layer.mode for name, layer in self.layers.items()}
+        for layer in self.layers.values():
+            layer.set_mode(mode)
+        try:
+            yield self.model
+        finally:
+            for name, layer in self.layers.items():
+                layer.set_mode(previous[name])
+
+    def projected(self):
+        return self.mode("projected")
+
+    def equivariant(self):
+        return self.mode("equivariant")
+
+    def set_positions(self, positions: torch.Tensor | None):
+        """Raw Cartesian positions (rows matching the layers' feature rows) for position-fed branches."""
+        for layer in self.layers.values():
+            if layer.uses_positions:
+                layer.set_positions(positions)
+
+    # ------------------------------------------------------------------ state
+    def signature(self) -> dict:
+        return {
+            "controller": self.controller.name,
+            "branch": self.config["branch"],
+            "layers": sorted(self.layers),
+        }
+
+    def state_dict(self) -> dict:
+        """γ and all controller state of every layer, plus the relax configuration."""
+        layers = {}
+        for name, layer in self.layers.items():
+            entry = {"gamma": layer.gamma.detach().clone()}
+            for key, buf in layer.named_buffers(recurse=False):
+                if key.startswith("ctrl_"):
+                    entry[key] = buf.detach().clone()
+            layers[name] = entry
+        extra = {}
+        for part in self.hook.equirelax_state_dict(handle=self):
+            extra.update(part or {})
+        return {
+            "format": STATE_FORMAT,
+            **self.signature(),
+            "options": dict(self.controller.options),
+            "epoch": self.epoch,
+            "reported_nonfinite": self._reported_nonfinite,
+            "layer_state": layers,
+            "extra": extra,
+        }
+
+    def load_state_dict(self, state: dict):
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError("equirelax: not an equirelax controller state (missing or unknown 'format')")
+        mine = self.signature()
+        differences = [
+            f"{key}: checkpoint has {state.get(key)!r}, this model has {mine[key]!r}"
+            for key in mine
+            if state.get(key) != mine[key]
+        ]
+        if differences:
+            raise ValueError("equirelax: incompatible controller state; " + "; ".join(differences))
+        with torch.no_grad():
+            for name, entry in state["layer_state"].items():
+                layer = self.layers[name]
+                layer.gamma.copy_(entry["gamma"])
+                for key, value in entry.items():
+                    if key == "gamma":
+                        continue
+                    buf = layer._buffers.get(key)
+                    if buf is None or buf.shape != value.shape:
+                        raise ValueError(f"equirelax: incompatible controller state for layer {name!r} ({key})")
+                    buf.copy_(value)
+        self.controller.options = dict(state["options"])
+        self.epoch = int(state["epoch"])
+        self._reported_nonfinite = int(state.get("reported_nonfinite", 0))
+        self.hook.equirelax_load_state_dict(handle=self, state=state.get("extra", {}))
+
+    def __repr__(self):
+        return f"RelaxHandle(controller={self.controller.name!r}, layers={sorted(self.layers)})"
+
+
+def relax(
+    model: nn.Module,
+    controller="ace",
+    targets=None,
+    branch: str = "linear",
+    *,
+    adapter="auto",
+    init: str = "zero",
+    init_std: float = 1e-2,
+    group: str = "O3",
+    positions: bool = False,
+    on_nonfinite: str = "warn",
+    **controller_options,
+) -> RelaxHandle:
+    """Patch ``model`` in place: each target layer becomes ``f_eq(x) + γ·f_neq(x)``.
+
+    controller: ``"fixed"``, ``"cr"``, ``"ace"``, ``"ace-resilient"``, ``"recm"``, an
+        entry-point name, or a Controller; ``controller_options`` go to it.
+    targets: name pattern(s) (fnmatch, on ``model.named_modules()`` names) and/or
+        module types; None relaxes the adapter's default layers.
+    branch: ``"linear"`` or ``"mlp"``. ``positions=True`` also feeds raw
+        Cartesian positions (see ``RelaxHandle.set_positions``).
+    init: ``"zero"`` leaves the model's output unchanged at step 0 (for pretrained
+        models); ``"random"`` draws small branch weights (std ``init_std``), as in the papers.
+    """
+    from ..adapters import find_adapter, get_adapter
+
+    if any(isinstance(m, RelaxedLayer) for m in model.modules()):
+        raise ValueError("equirelax: this model is already relaxed; export it first or use the existing handle")
+    check_group(group)
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"equirelax: on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
+    ctrl = get_controller(controller, **controller_options)
+    chosen_adapter = find_adapter(model) if adapter == "auto" else get_adapter(adapter)
+    chosen = _resolve_targets(model, chosen_adapter, targets)
+    reference = next(model.parameters(), None)
+    layers = {}
+    for name, module in chosen.items():
+        spec = chosen_adapter.spec(module)
+        layer = RelaxedLayer(
+            module,
+            nn.Identity(),
+            arg_irreps=spec.arg_irreps,
+            branch_args=spec.branch_args,
+            irreps_out=spec.irreps_out,
+            gamma=ctrl.initial_gamma(),
+            learnable_gamma=ctrl.learnable_gamma,
+            group=group,
+            uses_positions=positions,
+            adapter=chosen_adapter.name,
+            mergeable=spec.mergeable,
+        )
+        layer.branch = make_branch(branch, layer.branch_irreps_in.dim, layer.irreps_out.dim, init, init_std)
+        if reference is not None:
+            layer.to(device=reference.device, dtype=reference.dtype if reference.is_floating_point() else None)
+        _set_submodule(model, name, layer)
+        layers[name] = layer
+    config = {"branch": branch, "init": init, "group": group, "positions": positions, "on_nonfinite": on_nonfinite}
+    return RelaxHandle(model, layers, ctrl, chosen_adapter, config)
+
+
+EXPORT_MODES = ("merge", "drop")
+
+
+def export(model: nn.Module, mode: str = "merge", *, inplace: bool = True) -> nn.Module:
+    """Remove every branch, leaving only the host's own module classes.
+
+    ``mode="merge"`` folds γ·P(W) of each linear branch into the host layer's
+    weights (the model stays exactly equivariant and keeps what the branch
+    learned that is equivariant); ``mode="drop"`` removes branches (γ := 0).
+    Branches that cannot be merged (MLP branches, tensor-product layers) are
+    dropped with a warning naming them.
+    """
+    from ..adapters import get_adapter
+
+    if mode not in EXPORT_MODES:
+        raise ValueError(f"equirelax: unknown export mode {mode!r}; choose one of {EXPORT_MODES}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    relaxed = {n: m for n, m in model.named_modules() if isinstance(m, RelaxedLayer)}
+    outermost = {n: m for n, m in relaxed.items() if not any(n.startswith(o + ".") for o in relaxed if o != n)}
+    if not relaxed:
+        raise ValueError("equirelax: the model has no relaxed layer to export")
+    dropped = []
+    for name, layer in outermost.items():
+        if mode == "merge":
+            if isinstance(layer.branch, LinearBranch) and layer.mergeable:
+                with torch.no_grad():
+                    weight = layer.gamma.detach() * layer.projector(layer.branch.weight.detach())
+                    weight = weight[:, : layer.feature_dim]  # raw-position columns do not merge
+                get_adapter(layer.adapter).merge(layer, weight)
+            else:
+                dropped.append(name)
+        if name:
+            _set_submodule(model, name, layer.base)
+        else:
+            model = layer.base
+    if dropped:
+        warnings.warn(
+            f"equirelax: export could not merge the branches of {dropped} (MLP branches or layers without "
+            f"mergeable weights); they were dropped (γ := 0) instead",
+            UserWarning,
+            stacklevel=2,
+        )
+    leftovers = sorted({type(m).__module__ + "." + type(m).__name__ for m in model.modules()
+                        if type(m).__module__.startswith("equirelax")})
+    if leftovers:
+        raise RuntimeError(f"equirelax: export left equirelax modules in the model: {leftovers}")
+    return model

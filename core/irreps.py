@@ -1,0 +1,107 @@
+"""Irreps bookkeeping shared by projection, regularisers and metrics.
+
+Everything here is derived from e3nn's own ``Irreps`` and Wigner matrices
+(``D_from_angles`` / ``D_from_matrix``), which exist in e3nn 0.4.4 and 0.6.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ._e3nn import o3
+
+GROUPS = ("O3", "SO3")
+
+
+def as_irreps(irreps) -> "o3.Irreps":
+    try:
+        return o3.Irreps(irreps)
+    except Exception as error:  # e3nn raises ValueError/AssertionError on bad strings
+        raise ValueError(f"equirelax: {irreps!r} is not a valid e3nn irreps specification ({error})") from error
+
+
+def check_group(group: str) -> str:
+    if group not in GROUPS:
+        raise ValueError(f"equirelax: unknown symmetry group {group!r}; choose one of {GROUPS}")
+    return group
+
+
+def irrep_blocks(irreps, group: str = "O3"):
+    """Index arrays of the copies of each irrep type.
+
+    Returns ``{key: LongTensor[copies, 2l+1]}`` with key ``(l, p)`` for O(3) and
+    ``l`` for SO(3) (where parity does not distinguish representations).
+    """
+    check_group(group)
+    groups: dict = {}
+    offset = 0
+    for mul, ir in as_irreps(irreps):
+        d = ir.dim
+        key = (ir.l, ir.p) if group == "O3" else ir.l
+        for _ in range(mul):
+            groups.setdefault(key, []).append(torch.arange(offset, offset + d))
+            offset += d
+    return {key: torch.stack(rows) for key, rows in groups.items()}
+
+
+def random_rotations(n: int, group: str = "O3", *, dtype=torch.float64, generator=None) -> torch.Tensor:
+    """``n`` Haar-random 3x3 matrices; for O(3) half of them (in expectation) include inversion."""
+    check_group(group)
+    if generator is None:
+        R = o3.rand_matrix(n, dtype=dtype)
+    else:
+        # rand_matrix takes no generator: draw a uniform quaternion with ours instead
+        q = torch.randn(n, 4, generator=generator, dtype=dtype)
+        R = o3.quaternion_to_matrix(q / q.norm(dim=-1, keepdim=True))
+    if group == "O3":
+        if generator is None:
+            signs = torch.randint(0, 2, (n,), dtype=dtype) * 2 - 1
+        else:
+            signs = torch.randint(0, 2, (n,), generator=generator).to(dtype) * 2 - 1
+        R = R * signs[:, None, None]
+    return R
+
+
+def wigner_D(irreps, R: torch.Tensor) -> torch.Tensor:
+    """Representation matrices of ``irreps`` for rotation(s) ``R`` (handles det R = -1)."""
+    return as_irreps(irreps).D_from_matrix(R)
+
+
+# e3nn's l=1 basis is (y, z, x); Cartesian vectors must be permuted to enter as "1o".
+CARTESIAN_TO_E3NN = (1, 2, 0)
+
+
+def _log_near_identity(D: torch.Tensor, terms: int = 40) -> torch.Tensor:
+    """Matrix logarithm by its Taylor series, valid for ||D - I|| << 1."""
+    eye = torch.eye(D.shape[-1], dtype=D.dtype)
+    X = D - eye
+    term = eye
+    result = torch.zeros_like(D)
+    for k in range(1, terms + 1):
+        term = term @ X
+        result = result + ((-1) ** (k + 1)) * term / k
+    return result
+
+
+@functools.lru_cache(maxsize=64)
+def _generators_cached(irreps_str: str) -> torch.Tensor:
+    irreps = o3.Irreps(irreps_str)
+    t = 1e-2
+    zero = torch.zeros((), dtype=torch.float64)
+    step = torch.full((), t, dtype=torch.float64)
+    # e3nn's Euler convention is Y-X-Y: (t, 0, 0) rotates about y, (0, t, 0) about x
+    A_y = _log_near_identity(irreps.D_from_angles(step, zero, zero)) / t
+    A_x = _log_near_identity(irreps.D_from_angles(zero, step, zero)) / t
+    A_third = A_x @ A_y - A_y @ A_x  # the Lie bracket closes the basis of so(3)
+    return torch.stack([A_x, A_y, A_third])
+
+
+def so3_generators(irreps) -> torch.Tensor:
+    """so(3) generators represented on ``irreps``: tensor ``[3, dim, dim]`` (float64).
+
+    Derived from e3nn's Wigner matrices, so they are consistent with
+    ``Irreps.D_from_matrix`` in every e3nn version.
+    """
+    return _generators_cached(str(as_irreps(irreps))).clone()

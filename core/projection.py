@@ -1,0 +1,95 @@
+"""Haar projection onto equivariant maps.
+
+For a linear map W between e3nn irreps, the Haar average
+``P(W) = ∫ ρ_out(g)^-1 W ρ_in(g) dg`` is closed form: each block between two
+copies of the same irrep becomes ``trace(block)/(2l+1) · I``, every other
+block vanishes. P is the orthogonal (Frobenius) projector onto the commutant.
+Non-linear maps are averaged by Monte Carlo over sampled rotations.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .irreps import as_irreps, check_group, irrep_blocks, random_rotations, wigner_D
+
+
+class HaarProjector:
+    """Closed-form projection of ``[..., dim_out, dim_in]`` matrices onto equivariant maps."""
+
+    def __init__(self, irreps_in, irreps_out, group: str = "O3"):
+        self.irreps_in = as_irreps(irreps_in)
+        self.irreps_out = as_irreps(irreps_out)
+        self.group = check_group(group)
+        blocks_in = irrep_blocks(self.irreps_in, group)
+        blocks_out = irrep_blocks(self.irreps_out, group)
+        # (out copies [Co, d], in copies [Ci, d]) for every irrep type present on both sides
+        self.blocks = [(blocks_out[key], blocks_in[key]) for key in blocks_out if key in blocks_in]
+
+    @property
+    def shape(self):
+        return (self.irreps_out.dim, self.irreps_in.dim)
+
+    def _check(self, W: torch.Tensor):
+        if tuple(W.shape[-2:]) != self.shape:
+            raise ValueError(
+                f"equirelax: matrix of shape {tuple(W.shape[-2:])} does not map {self.irreps_in} "
+                f"(dim {self.irreps_in.dim}) to {self.irreps_out} (dim {self.irreps_out.dim})"
+            )
+
+    def coefficients(self, W: torch.Tensor):
+        """Per irrep type, the scalar of each (out copy, in copy) block: list of ``[..., Co, Ci]``."""
+        self._check(W)
+        coefficients = []
+        for out_idx, in_idx in self.blocks:
+            out_idx = out_idx.to(W.device)
+            in_idx = in_idx.to(W.device)
+            d = out_idx.shape[1]
+            # diagonal entries of every block: W[..., out_idx[a, m], in_idx[b, m]] -> [..., Co, Ci, d]
+            diag = W[..., out_idx[:, None, :], in_idx[None, :, :]]
+            coefficients.append(diag.sum(-1) / d)
+        return coefficients
+
+    def __call__(self, W: torch.Tensor) -> torch.Tensor:
+        P = torch.zeros_like(W)
+        for (out_idx, in_idx), c in zip(self.blocks, self.coefficients(W)):
+            out_idx = out_idx.to(W.device)
+            in_idx = in_idx.to(W.device)
+            d = out_idx.shape[1]
+            P[..., out_idx[:, None, :], in_idx[None, :, :]] = c[..., None].expand(*c.shape, d)
+        return P
+
+    def orthogonal_complement(self, W: torch.Tensor) -> torch.Tensor:
+        """``W - P(W)``: the part of W that breaks the symmetry."""
+        return W - self(W)
+
+
+def mc_project(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    irreps_in,
+    irreps_out,
+    *,
+    n_samples: int = 64,
+    group: str = "O3",
+    generator: torch.Generator | None = None,
+):
+    """Monte Carlo Haar average ``(1/K) Σ_g ρ_out(g)^T fn(ρ_in(g) x)``.
+
+    Returns ``(value, stderr)``: the projected output and the standard error of
+    the mean over the K sampled group elements (same shape as the value), so the
+    sampling error can be reported next to the result.
+    """
+    R = random_rotations(n_samples, group, dtype=x.dtype, generator=generator)
+    D_in = wigner_D(irreps_in, R).to(x.device)
+    D_out = wigner_D(irreps_out, R).to(x.device)
+    samples = []
+    for k in range(n_samples):
+        y = fn(x @ D_in[k].T)
+        samples.append(y @ D_out[k])  # ρ_out(g)^-1 = ρ_out(g)^T applied to row vectors
+    stacked = torch.stack(samples)
+    value = stacked.mean(0)
+    stderr = stacked.std(0, unbiased=True) / n_samples**0.5 if n_samples > 1 else torch.zeros_like(value)
+    return value, stderr

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+import equirelax  # noqa: F401  (imports e3nn safely in either host environment)
+from equirelax.core._e3nn import o3
+from equirelax.core.synthetic import gated_e3nn_model
+
+
+@pytest.fixture(autouse=True)
+def _float64_and_seed():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.fixture
+def model():
+    return gated_e3nn_model()
+
+
+def train(model, handle, x, y, steps, lr=1e-2, batch=64, epoch_every=None, seed=0, optimizer=None):
+    """A plain PyTorch loop driven through handle.wrap; returns the losses."""
+    generator = torch.Generator().manual_seed(seed)
+    opt = optimizer or torch.optim.Adam(model.parameters(), lr)
+    if handle is not None:
+        handle.wrap(opt)
+    losses = []
+    for step in range(steps):
+        idx = torch.randint(0, x.shape[0], (batch,), generator=generator)
+        opt.zero_grad()
+        loss = (model(x[idx]) - y[idx]).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if handle is not None and epoch_every and (step + 1) % epoch_every == 0:
+            handle.epoch_end()
+    return losses
+
+
+def dense_matrix(linear):
+    """The dense matrix of an e3nn o3.Linear (rows: outputs)."""
+    eye = torch.eye(linear.irreps_in.dim)
+    return linear(eye).T.detach()
+
+
+__all__ = ["o3", "train", "dense_matrix"]
+
+
+@pytest.fixture
+def train_loop():
+    return train
+
+
+@pytest.fixture
+def dense():
+    return dense_matrix

@@ -1,0 +1,155 @@
+"""Relaxed layers leave the host untouched at γ = 0; export returns the host's own, exactly equivariant model."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import equirelax
+from equirelax.core._e3nn import o3
+from equirelax.core.synthetic import IRREPS_IN, make_task
+
+CONTROLLERS = [("fixed", {}), ("cr", {"epochs": 4}), ("ace", {}), ("ace-resilient", {}), ("recm", {})]
+
+
+@pytest.mark.parametrize("controller,options", CONTROLLERS)
+@pytest.mark.parametrize("branch", ["linear", "mlp"])
+def test_pretrained_safe_init_is_bit_identical(model, controller, options, branch):
+    x = torch.randn(32, o3.Irreps(IRREPS_IN).dim)
+    reference = model(x)
+    reference_grads = torch.autograd.grad(reference.pow(2).sum(), list(model.parameters()))
+    handle = equirelax.relax(model, controller, branch=branch, **options)
+    out = model(x)
+    assert torch.equal(out, reference)
+    host_params = [p for n, p in model.named_parameters() if ".branch." not in n and not n.endswith("gamma")]
+    grads = torch.autograd.grad(out.pow(2).sum(), host_params)
+    assert all(torch.equal(a, b) for a, b in zip(grads, reference_grads))
+    assert handle.levels()  # every targeted layer has a level
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 10**6), st.sampled_from(["linear", "mlp"]))
+def test_gamma_zero_reproduces_host_bit_for_bit_with_trained_branch(seed, branch):
+    torch.manual_seed(seed)
+    from equirelax.core.synthetic import gated_e3nn_model
+
+    host = gated_e3nn_model().double()
+    x = torch.randn(16, host.irreps_in.dim, dtype=torch.float64)
+    reference = host(x)
+    equirelax.relax(host, "fixed", branch=branch, init="random", init_std=1.0, gamma=0.0)
+    assert torch.equal(host(x), reference)
+
+
+def test_random_init_changes_output_and_branch_is_gated(model):
+    x = torch.randn(8, model.irreps_in.dim)
+    reference = model(x)
+    handle = equirelax.relax(model, "fixed", init="random", init_std=0.1)
+    assert not torch.allclose(model(x), reference)
+    with handle.equivariant():
+        assert torch.equal(model(x), reference)
+
+
+def _trained(model, controller="fixed", branch="linear", steps=60, **options):
+    x, y = make_task("field", 256, seed=1)
+    handle = equirelax.relax(model, controller, branch=branch, init="random", **options)
+    opt = handle.wrap(torch.optim.Adam(model.parameters(), 1e-2))
+    for _ in range(steps):
+        opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        opt.step()
+    return handle, x
+
+
+def test_export_merge_is_equivariant_and_equals_projected_model(model):
+    handle, x = _trained(model)
+    assert equirelax.equivariance_error(model, x).mean > 1e-3  # the relaxed model is not equivariant
+    with handle.projected():
+        projected = model(x)
+    with handle.equivariant():
+        equivariant_only = model(x)
+    assert not torch.allclose(projected, equivariant_only)  # merging keeps something dropping loses
+    equirelax.export(model, mode="merge")
+    assert torch.allclose(model(x), projected, atol=1e-12, rtol=0)
+    error = equirelax.equivariance_error(model, x, n_rotations=5)
+    assert error.max <= 1e-10
+    for module in model.modules():
+        assert type(module).__module__.split(".")[0] in ("e3nn", "torch"), type(module)
+
+
+def test_export_drop_equals_equivariant_part(model):
+    handle, x = _trained(model)
+    with handle.equivariant():
+        expected = model(x)
+    equirelax.export(model, mode="drop")
+    assert torch.equal(model(x), expected)
+    assert equirelax.equivariance_error(model, x).max <= 1e-10
+
+
+def test_exported_model_pickles_without_equirelax_references(model, tmp_path):
+    _trained(model, steps=5)
+    equirelax.export(model)
+    path = tmp_path / "exported.pt"
+    torch.save(model, path)
+    assert b"equirelax" not in path.read_bytes()
+
+
+def test_export_not_inplace_keeps_relaxed_model(model):
+    handle, x = _trained(model, steps=5)
+    before = model(x)
+    exported = equirelax.export(model, inplace=False)
+    assert any(isinstance(m, equirelax.RelaxedLayer) for m in model.modules())
+    assert torch.equal(model(x), before)
+    assert not any(isinstance(m, equirelax.RelaxedLayer) for m in exported.modules())
+
+
+def test_mlp_branches_are_dropped_with_a_warning(model):
+    handle, x = _trained(model, branch="mlp", steps=10)
+    with handle.equivariant():
+        expected = model(x)
+    with pytest.warns(UserWarning, match="could not merge"):
+        equirelax.export(model, mode="merge")
+    assert torch.allclose(model(x), expected)
+
+
+def test_tensor_product_layers_relax_and_export():
+    tp = o3.FullyConnectedTensorProduct("2x0e+1x1o", "1x0e+1x1o", "1x0e+1x1o")
+    x1, x2 = torch.randn(10, 5), torch.randn(10, 4)
+    reference = tp(x1, x2)
+    with pytest.raises(ValueError, match="container"):
+        equirelax.relax(tp, "fixed")
+    container = torch.nn.ModuleDict({"tp": tp})
+    container.forward = lambda a, b: container["tp"](a, b)
+    handle = equirelax.relax(container, "fixed", init="random", init_std=0.3)
+    assert handle.layers["tp"].branch_irreps_in.dim == 9
+    error = equirelax.equivariance_error(container, (x1, x2), irreps_in=("2x0e+1x1o", "1x0e+1x1o"),
+                                         irreps_out="1x0e+1x1o")
+    assert error.mean > 1e-3 and error.layers["tp"]["mean"] > 1e-3
+    with pytest.warns(UserWarning, match="could not merge"):
+        equirelax.export(container)
+    assert isinstance(container["tp"], o3.FullyConnectedTensorProduct)
+    assert torch.equal(container["tp"](x1, x2), reference)
+
+
+def test_position_fed_branch_breaks_symmetry_and_needs_positions():
+    linear = torch.nn.Sequential(o3.Linear("2x0e+1x1o", "1x0e+1x1o"))
+    x, positions = torch.randn(6, 5), torch.randn(6, 3)
+    handle = equirelax.relax(linear, "fixed", positions=True, init="random", init_std=0.5)
+    with pytest.raises(RuntimeError, match="positions"):
+        linear(x)
+    handle.set_positions(positions)
+    assert linear(x).shape == (6, 4)
+    error = equivariance_error_with_positions(linear, x, handle)
+    assert error.layers["0"]["mean"] > 1e-3
+    with handle.projected():
+        projected = linear(x)
+    equirelax.export(linear)
+    # raw-position columns do not merge: the exported layer is the projected feature part only
+    assert equirelax.equivariance_error(linear, x, irreps_in="2x0e+1x1o", irreps_out="1x0e+1x1o").max < 1e-10
+    assert projected.shape == linear(x).shape
+
+
+def equivariance_error_with_positions(model, x, handle):
+    return equirelax.equivariance_error(model, x, irreps_in="2x0e+1x1o", irreps_out="1x0e+1x1o")

@@ -41,10 +41,11 @@ def _teacher(dtype) -> nn.Module:
 
 
 def make_task(kind: str = "symmetric", n: int = 512, *, seed: int = 0, field_strength: float = 1.0,
-              dtype=torch.float64):
+              dtype=None):
     """``(x, y)`` with ``x: [n, dim(IRREPS_IN)]`` and ``y: [n, dim(IRREPS_OUT)]``."""
     if kind not in ("symmetric", "field"):
         raise ValueError(f"equirelax: unknown synthetic task {kind!r}; choose 'symmetric' or 'field'")
+    dtype = dtype or torch.get_default_dtype()
     generator = torch.Generator().manual_seed(seed)
     irreps_in = o3.Irreps(IRREPS_IN)
     x = torch.randn(n, irreps_in.dim, generator=generator, dtype=dtype)

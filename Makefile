@@ -1,0 +1,46 @@
+# Two host environments that cannot share one interpreter:
+#   .venv-mace   : mace-torch 0.3.16 with its pinned e3nn 0.4.4
+#   .venv-nequip : nequip 0.19.1 with e3nn 0.6 and torch-geometric
+# torch is pinned in every install step (a CPU build is on local disk; any other spec pulls CUDA wheels).
+PYTHON ?= python3
+TORCH := torch==2.13.0
+MACE_ENV := .venv-mace
+NEQUIP_ENV := .venv-nequip
+PYTEST_ARGS ?= -q -p no:cacheprovider
+
+.PHONY: test test-mace test-nequip envs demo benchmark clean
+
+test: test-mace test-nequip
+
+envs: $(MACE_ENV)/.installed $(NEQUIP_ENV)/.installed
+
+$(MACE_ENV)/.installed: pyproject.toml Makefile
+	test -x $(MACE_ENV)/bin/python || $(PYTHON) -m venv $(MACE_ENV)
+	$(MACE_ENV)/bin/pip install -q --disable-pip-version-check $(TORCH)
+	$(MACE_ENV)/bin/pip install -q --disable-pip-version-check $(TORCH) "mace-torch==0.3.16"
+	$(MACE_ENV)/bin/pip install -q --disable-pip-version-check $(TORCH) -e ".[mace,dev]"
+	touch $@
+
+$(NEQUIP_ENV)/.installed: pyproject.toml Makefile
+	test -x $(NEQUIP_ENV)/bin/python || $(PYTHON) -m venv $(NEQUIP_ENV)
+	$(NEQUIP_ENV)/bin/pip install -q --disable-pip-version-check $(TORCH)
+	$(NEQUIP_ENV)/bin/pip install -q --disable-pip-version-check $(TORCH) "nequip==0.19.1" torch-geometric
+	$(NEQUIP_ENV)/bin/pip install -q --disable-pip-version-check $(TORCH) -e ".[nequip,egnn,dev]"
+	touch $@
+
+# core and e3nn-adapter tests run in both environments (e3nn 0.4.4 and 0.6)
+test-mace: $(MACE_ENV)/.installed
+	$(MACE_ENV)/bin/python -m pytest $(PYTEST_ARGS) tests integration_tests
+
+test-nequip: $(NEQUIP_ENV)/.installed
+	$(NEQUIP_ENV)/bin/python -m pytest $(PYTEST_ARGS) tests integration_tests
+
+demo: $(NEQUIP_ENV)/.installed
+	$(NEQUIP_ENV)/bin/python benchmarks/e3nn_synthetic.py accuracy --steps 800 --seeds 1
+
+benchmark: $(NEQUIP_ENV)/.installed
+	$(NEQUIP_ENV)/bin/python benchmarks/e3nn_synthetic.py speed
+	$(NEQUIP_ENV)/bin/python benchmarks/e3nn_synthetic.py accuracy
+
+clean:
+	rm -rf $(MACE_ENV) $(NEQUIP_ENV) *.egg-info

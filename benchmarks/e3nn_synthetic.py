@@ -29,6 +29,7 @@ CONTROLLERS = [
     ("fixed", "fixed", {}),
     ("cr", "cr", {"epochs": 10}),
     ("ace", "ace", {}),
+    ("ace (c=1, η_d=1e-2)", "ace", {"augmented": 1.0, "dual_lr": 1e-2}),
     ("ace-resilient", "ace-resilient", {}),
     ("recm", "recm", {}),
 ]
@@ -88,53 +89,86 @@ def accuracy(args):
             print(f"| {label} | {relaxed} | {fmt('exported')} | {level_text} | {eq:.1e} |", flush=True)
 
 
-def wide_model():
+def linear_stack():
+    """Worst case for a dense branch: nothing but block-sparse o3.Linear layers."""
     irreps_in, hidden = "32x0e+16x1o+8x2e", "64x0e+32x1o+16x2e"
-    return torch.nn.Sequential(
+    model = torch.nn.Sequential(
         o3.Linear(irreps_in, hidden),
         o3.Linear(hidden, hidden),
         o3.Linear(hidden, "1x0e+1x1o"),
-    ), o3.Irreps(irreps_in).dim
+    )
+    return model, (o3.Irreps(irreps_in).dim,), None
 
 
-def time_steps(model, handle, x, y, steps):
+class TensorProductNet(torch.nn.Module):
+    """A typical e3nn block, twice: features ⊗ spherical harmonics → o3.Linear (relaxed)."""
+
+    def __init__(self, hidden="16x0e+8x1o+4x2e", sh="1x0e+1x1o+1x2e"):
+        super().__init__()
+        self.embed = o3.Linear("8x0e", hidden)
+        self.tp1 = o3.FullyConnectedTensorProduct(hidden, sh, hidden)
+        self.lin1 = o3.Linear(hidden, hidden)
+        self.tp2 = o3.FullyConnectedTensorProduct(hidden, sh, hidden)
+        self.lin2 = o3.Linear(hidden, hidden)
+        self.out = o3.Linear(hidden, "1x0e+1x1o")
+
+    def forward(self, scalars, sh):
+        h = self.embed(scalars)
+        h = h + self.lin1(self.tp1(h, sh))
+        h = h + self.lin2(self.tp2(h, sh))
+        return self.out(h)
+
+
+def tensor_product_net():
+    return TensorProductNet(), (8, 9), ["lin1", "lin2"]
+
+
+def time_steps(model, handle, inputs, y, steps):
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     if handle:
         handle.wrap(opt)
     for _ in range(3):  # warm-up
         opt.zero_grad()
-        (model(x) - y).pow(2).mean().backward()
+        (model(*inputs) - y).pow(2).mean().backward()
         opt.step()
     start = time.perf_counter()
     for _ in range(steps):
         opt.zero_grad()
-        (model(x) - y).pow(2).mean().backward()
+        (model(*inputs) - y).pow(2).mean().backward()
         opt.step()
     return (time.perf_counter() - start) / steps
 
 
 def speed(args):
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    base, dim = wide_model()
-    x, y = torch.randn(args.batch, dim), torch.randn(args.batch, 4)
-    variants = {}
-    for label, controller, options in CONTROLLERS:
-        model = copy.deepcopy(base)
-        handle = equirelax.relax(model, controller, **options) if controller else None
-        variants[label] = (model, handle)
-    times = {label: [] for label in variants}
-    for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
-        for label, (model, handle) in variants.items():
-            times[label].append(time_steps(model, handle, x, y, args.steps))
-    vanilla = statistics.median(times["vanilla"])
-    print(f"# speed: 3 o3.Linear layers (32x0e+16x1o+8x2e -> 64x0e+32x1o+16x2e -> ... -> 1x0e+1x1o), "
-          f"batch {args.batch}, float32, {args.threads} threads, median of {args.repeats} repeats of {args.steps} steps\n")
-    print("| model | step time (ms) | relaxed / vanilla |")
-    print("|---|---|---|")
-    for label in variants:
-        median = statistics.median(times[label])
-        print(f"| {label} | {1000 * median:.2f} | {median / vanilla:.3f} |")
+    print(f"# speed: batch {args.batch} rows, float32, {args.threads} threads, median of {args.repeats} repeats "
+          f"of {args.steps} steps, variants interleaved\n")
+    for title, build in (
+        ("o3.Linear stack 32x0e+16x1o+8x2e → 64x0e+32x1o+16x2e → … → 1x0e+1x1o, every layer relaxed", linear_stack),
+        ("tensor-product net (2 × FullyConnectedTensorProduct + o3.Linear, 16x0e+8x1o+4x2e), "
+         "the two o3.Linear after the tensor products relaxed", tensor_product_net),
+    ):
+        torch.manual_seed(0)
+        base, dims, targets = build()
+        inputs = tuple(torch.randn(args.batch, d) for d in dims)
+        y = torch.randn(args.batch, 4)
+        variants = {}
+        for label, controller, options in CONTROLLERS:
+            model = copy.deepcopy(base)
+            handle = equirelax.relax(model, controller, targets=targets, **options) if controller else None
+            variants[label] = (model, handle)
+        times = {label: [] for label in variants}
+        for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
+            for label, (model, handle) in variants.items():
+                times[label].append(time_steps(model, handle, inputs, y, args.steps))
+        vanilla = statistics.median(times["vanilla"])
+        print(f"## {title}\n")
+        print("| model | step time (ms) | relaxed / vanilla |")
+        print("|---|---|---|")
+        for label in variants:
+            median = statistics.median(times[label])
+            print(f"| {label} | {1000 * median:.2f} | {median / vanilla:.3f} |")
+        print(flush=True)
 
 
 def main():

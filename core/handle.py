@@ -141,16 +141,20 @@ class RelaxHandle:
         return optimizer
 
     def _gradients_finite(self) -> torch.Tensor:
-        checks = [torch.isfinite(p.grad).all() for p in self.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
         for layer in self.layers.values():
-            checks.extend(torch.isfinite(p.grad).all() for p in layer.probes if p.grad is not None)
-        device = self._first().gamma.device
-        if not checks:
-            return torch.ones((), dtype=torch.bool, device=device)
-        return torch.stack(checks).all()
+            grads.extend(p.grad for p in layer.probes if p.grad is not None)
+        if not grads:
+            return torch.ones((), dtype=torch.bool, device=self._first().gamma.device)
+        # one fused reduction; a NaN/inf anywhere makes its tensor's norm non-finite
+        return torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
 
     def after_backward(self):
         """Call after ``loss.backward()`` and before ``optimizer.step()``."""
+        if not self.controller.has_step_state and self.config["on_nonfinite"] == "warn":
+            self._finite = torch.ones((), dtype=torch.bool, device=self._first().gamma.device)
+            self.hook.equirelax_after_backward(handle=self, finite=self._finite)
+            return
         finite = self._gradients_finite()
         self._finite = finite
         for layer in self.layers.values():

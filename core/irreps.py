@@ -105,3 +105,58 @@ def so3_generators(irreps) -> torch.Tensor:
     ``Irreps.D_from_matrix`` in every e3nn version.
     """
     return _generators_cached(str(as_irreps(irreps))).clone()
+
+
+class GeneratorAction:
+    """Applies the three so(3) generators of ``irreps`` to row vectors, block by block.
+
+    Equivalent to ``einsum("kij,nj->kni", so3_generators(irreps), x)`` at the cost
+    of one small matmul per irrep type instead of a dense ``[3, dim, dim]`` product.
+    """
+
+    def __init__(self, irreps):
+        self.irreps = as_irreps(irreps)
+        self.blocks = []  # (start, mul, l) per irreps entry
+        offset = 0
+        for mul, ir in self.irreps:
+            self.blocks.append((offset, mul, ir.l))
+            offset += mul * ir.dim
+        self._cache = {}
+
+    def _generator(self, l, dtype, device):
+        key = (l, dtype, device)
+        if key not in self._cache:
+            self._cache[key] = so3_generators(f"1x{l}e").to(dtype=dtype, device=device)
+        return self._cache[key]
+
+    def left(self, M: torch.Tensor) -> torch.Tensor:
+        """``A_k @ M`` for a matrix ``M`` whose rows are indexed by these irreps: ``[3, dim, m]``."""
+        m = M.shape[1]
+        parts = []
+        for start, mul, l in self.blocks:
+            d = 2 * l + 1
+            if l == 0:
+                parts.append(M.new_zeros(3, mul * d, m))
+                continue
+            block = M[start : start + mul * d].reshape(mul, d, m)
+            A = self._generator(l, M.dtype, M.device)
+            parts.append(torch.einsum("kij,ujm->kuim", A, block).reshape(3, mul * d, m))
+        return torch.cat(parts, dim=1)
+
+    def right(self, M: torch.Tensor) -> torch.Tensor:
+        """``M @ A_k`` for a matrix ``M`` whose columns are indexed by these irreps: ``[3, m, dim]``."""
+        m = M.shape[0]
+        parts = []
+        for start, mul, l in self.blocks:
+            d = 2 * l + 1
+            if l == 0:
+                parts.append(M.new_zeros(3, m, mul * d))
+                continue
+            block = M[:, start : start + mul * d].reshape(m, mul, d)
+            A = self._generator(l, M.dtype, M.device)
+            parts.append(torch.einsum("mui,kij->kmuj", block, A).reshape(3, m, mul * d))
+        return torch.cat(parts, dim=2)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``A_k x_n`` for every row ``x_n`` of ``x``: ``[3, n, dim]``."""
+        return self.left(x.T).transpose(1, 2)

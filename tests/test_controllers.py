@@ -199,3 +199,27 @@ def test_resume_from_state_dict_reproduces_uninterrupted_training(controller, op
         for key, value in entry.items():
             assert torch.equal(handle2.state_dict()["layer_state"][name][key], value), (name, key)
     assert handle2.epoch == handle.epoch == 8
+
+
+def test_blockwise_generator_action_equals_dense_generators():
+    from equirelax.core.irreps import GeneratorAction
+
+    irreps = "2x0e+1x1o+2x2e+1x3o"
+    x = torch.randn(7, 2 + 3 + 10 + 7)
+    dense = torch.einsum("kij,nj->kni", so3_generators(irreps), x)
+    assert torch.allclose(GeneratorAction(irreps)(x), dense, atol=1e-12)
+
+
+def test_closed_form_lie_derivative_equals_the_rowwise_one():
+    from equirelax.core.irreps import GeneratorAction
+
+    irreps_in, irreps_out = "2x0e+1x1o+1x2e", "1x0e+2x1o+1x2o"
+    branch = LinearBranch(10, 12, init="random", init_std=1.0)
+    x = torch.randn(40, 10)
+    closed = lie_derivative_terms(branch, x, GeneratorAction(irreps_in), GeneratorAction(irreps_out))
+    rowwise = lie_derivative_terms(branch, x, so3_generators(irreps_in), so3_generators(irreps_out))
+    assert float(closed[0]) == pytest.approx(float(rowwise[0]), rel=1e-10)
+    assert float(closed[1]) == pytest.approx(float(rowwise[1]), rel=1e-10)
+    ga = GeneratorAction(irreps_in)
+    W = torch.randn(6, 10)
+    assert torch.allclose(ga.right(W), W @ so3_generators(irreps_in), atol=1e-12)

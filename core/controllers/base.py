@@ -21,6 +21,7 @@ class Controller:
     learnable_gamma = False
     needs_inputs = False
     needs_probe = False
+    has_step_state = True  # False: nothing to protect from a non-finite step, so no check is made
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.defaults))

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..branches import LinearBranch
 from ..hookspecs import hookimpl
-from ..irreps import so3_generators
+from ..irreps import GeneratorAction
 from .base import Controller
 
 SCHEDULES = ("triangular", "linear", "constant")
@@ -32,18 +32,31 @@ def cr_schedule(schedule: str, epoch: int, epochs: int | None, theta: float = 1.
     return 2.0 * epoch / epochs if epoch <= half else 1.0 - 2.0 * (epoch - half) / epochs
 
 
-def lie_derivative_terms(branch: nn.Module, x: torch.Tensor, A_in: torch.Tensor, A_out: torch.Tensor):
+def _action(A):
+    """A callable applying generators: a GeneratorAction, or a dense ``[3, d, d]`` tensor."""
+    if callable(A) and not torch.is_tensor(A):
+        return A
+    return lambda v: torch.einsum("kij,nj->kni", A.to(dtype=v.dtype, device=v.device), v)
+
+
+def lie_derivative_terms(branch: nn.Module, x: torch.Tensor, A_in, A_out):
     """``(LD, N)`` averaged over the rows of ``x``.
 
-    LD = Σ_k ‖J_f(x) A_k x − A_k f(x)‖², N = ‖f(x)‖². The three generator
-    actions are stacked along their own leading axis (never reshaped into the
-    feature axis), so an exactly equivariant f gives LD = 0.
+    LD = Σ_k ‖J_f(x) A_k x − A_k f(x)‖², N = ‖f(x)‖². ``A_in``/``A_out`` are the
+    generators on the input/output irreps (``GeneratorAction`` or dense
+    ``[3, d, d]``). The three generator actions are stacked along their own
+    leading axis (never reshaped into the feature axis), so an exactly
+    equivariant f gives LD = 0.
     """
     x = x.reshape(-1, x.shape[-1])
     n = max(x.shape[0], 1)
-    A_in = A_in.to(dtype=x.dtype, device=x.device)
-    A_out = A_out.to(dtype=x.dtype, device=x.device)
-    Ax = torch.einsum("kij,nj->kni", A_in, x)
+    if isinstance(branch, LinearBranch) and isinstance(A_in, GeneratorAction) and isinstance(A_out, GeneratorAction):
+        # closed form: mean_n ‖M x_n‖² = tr(M C Mᵀ) with C = XᵀX/n and M_k = W A_k − A_k W
+        C = x.T @ x / n
+        W = branch.weight
+        M = A_in.right(W) - A_out.left(W)
+        return (M @ C * M).sum(), (W @ C * W).sum()
+    Ax = _action(A_in)(x)
     fx = branch(x)
     if isinstance(branch, LinearBranch):
         JAx = branch(Ax)
@@ -51,7 +64,7 @@ def lie_derivative_terms(branch: nn.Module, x: torch.Tensor, A_in: torch.Tensor,
         JAx = torch.stack(
             [torch.autograd.functional.jvp(branch, x, Ax[k], create_graph=True)[1] for k in range(Ax.shape[0])]
         )
-    Afx = torch.einsum("kij,nj->kni", A_out, fx)
+    Afx = _action(A_out)(fx)
     lie = (JAx - Afx).pow(2).sum() / n
     norm = fx.pow(2).sum() / n
     return lie, norm
@@ -85,7 +98,7 @@ class CR(Controller):
 
     def setup(self, layers):
         self.generators = {
-            name: (so3_generators(layer.branch_irreps_in), so3_generators(layer.irreps_out))
+            name: (GeneratorAction(layer.branch_irreps_in), GeneratorAction(layer.irreps_out))
             for name, layer in layers.items()
         }
         self.last_regulariser = None

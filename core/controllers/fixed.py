@@ -6,6 +6,7 @@ from .base import Controller
 class Fixed(Controller):
     name = "fixed"
     defaults = {"gamma": 1.0}
+    has_step_state = False
 
     def validate(self):
         if not isinstance(self.options["gamma"], (int, float)):

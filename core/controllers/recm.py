@@ -19,11 +19,6 @@ State (m_i, v_i, n_i), EMAs with rate β over probing steps, bias-corrected:
 Gap estimate, debiased for the noise an EMA of zero-mean terms keeps
 (c_t = (1−β)(1+β^t) / ((1+β)(1−β^t)): 1 at t = 1, (1−β)/(1+β) as t → ∞):
     s² = max(0, ‖m̂‖² − c_t v̂) / (n̂ + ε)       (s ∈ [0, 1])
-Shrink. After every optimizer step the branch's non-equivariant part decays,
-W ← W − κ·P⊥W (decoupled, like weight decay): only a persistent gap in the data
-keeps it up. Without it, a branch that fitted finite-sample noise would look
-like a gap at the next probe and keep itself alive.
-
 Modulation, a contraction with fixed point min(1, s/τ):
     γ ← clip[(1−α)γ + α·min(1, ŝ/τ), 0, 1]
 where ŝ = sign(s²)·√|s²| uses the debiased s² *before* clipping at 0, so the
@@ -41,14 +36,13 @@ from __future__ import annotations
 
 import torch
 
-from ..branches import LinearBranch
 from ..hookspecs import hookimpl
 from .base import Controller
 
 
 class RECM(Controller):
     name = "recm"
-    defaults = {"beta": 0.98, "alpha": 0.02, "tau": 1.0, "probe_every": 4, "shrink": 1e-2, "eps": 1e-20,
+    defaults = {"beta": 0.98, "alpha": 0.02, "tau": 1.0, "probe_every": 4, "eps": 1e-20,
                 "gamma0": 1.0}
     needs_probe = True
 
@@ -58,7 +52,6 @@ class RECM(Controller):
             if not isinstance(value, (int, float)) or not 0 < value < 1:
                 raise ValueError(f"equirelax: recm option {key!r} must be in (0, 1), got {value!r}")
         self._positive("tau", "eps")
-        self._positive("shrink", allow_zero=True)
         every = self.options["probe_every"]
         if not isinstance(every, int) or isinstance(every, bool) or every < 2:
             raise ValueError(f"equirelax: recm option 'probe_every' must be an integer >= 2, got {every!r}")
@@ -88,13 +81,6 @@ class RECM(Controller):
 
     @hookimpl
     def equirelax_after_optimizer_step(self, handle, finite):
-        shrink = self.options["shrink"]
-        if shrink:
-            with torch.no_grad():
-                for layer in self.layers.values():
-                    if isinstance(layer.branch, LinearBranch):
-                        W = layer.branch.weight
-                        W.sub_(torch.where(finite, shrink, 0.0) * layer.projector.orthogonal_complement(W))
         self.steps += 1
         for layer in self.layers.values():
             layer.state("steps").fill_(self.steps)

@@ -121,12 +121,14 @@ class GeneratorAction:
         for mul, ir in self.irreps:
             self.blocks.append((offset, mul, ir.l))
             offset += mul * ir.dim
+        # built here, not in the training step (building reads values on the host)
+        self._float64 = {l: so3_generators(f"1x{l}e") for _, _, l in self.blocks}
         self._cache = {}
 
     def _generator(self, l, dtype, device):
         key = (l, dtype, device)
         if key not in self._cache:
-            self._cache[key] = so3_generators(f"1x{l}e").to(dtype=dtype, device=device)
+            self._cache[key] = self._float64[l].to(dtype=dtype, device=device)
         return self._cache[key]
 
     def left(self, M: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,16 @@ class HaarProjector:
         blocks_out = irrep_blocks(self.irreps_out, group)
         # (out copies [Co, d], in copies [Ci, d]) for every irrep type present on both sides
         self.blocks = [(blocks_out[key], blocks_in[key]) for key in blocks_out if key in blocks_in]
+        self._on_device = {}
+
+    def _blocks(self, device):
+        # index tensors copied once per device: a host-to-device copy every step would stall the GPU queue
+        if device not in self._on_device:
+            self._on_device[device] = [
+                (out_idx[:, None, :].to(device), in_idx[None, :, :].to(device), out_idx.shape[1])
+                for out_idx, in_idx in self.blocks
+            ]
+        return self._on_device[device]
 
     @property
     def shape(self):
@@ -43,22 +53,15 @@ class HaarProjector:
         """Per irrep type, the scalar of each (out copy, in copy) block: list of ``[..., Co, Ci]``."""
         self._check(W)
         coefficients = []
-        for out_idx, in_idx in self.blocks:
-            out_idx = out_idx.to(W.device)
-            in_idx = in_idx.to(W.device)
-            d = out_idx.shape[1]
+        for rows, cols, d in self._blocks(W.device):
             # diagonal entries of every block: W[..., out_idx[a, m], in_idx[b, m]] -> [..., Co, Ci, d]
-            diag = W[..., out_idx[:, None, :], in_idx[None, :, :]]
-            coefficients.append(diag.sum(-1) / d)
+            coefficients.append(W[..., rows, cols].sum(-1) / d)
         return coefficients
 
     def __call__(self, W: torch.Tensor) -> torch.Tensor:
         P = torch.zeros_like(W)
-        for (out_idx, in_idx), c in zip(self.blocks, self.coefficients(W)):
-            out_idx = out_idx.to(W.device)
-            in_idx = in_idx.to(W.device)
-            d = out_idx.shape[1]
-            P[..., out_idx[:, None, :], in_idx[None, :, :]] = c[..., None].expand(*c.shape, d)
+        for (rows, cols, d), c in zip(self._blocks(W.device), self.coefficients(W)):
+            P[..., rows, cols] = c[..., None].expand(*c.shape, d)
         return P
 
     def orthogonal_complement(self, W: torch.Tensor) -> torch.Tensor:

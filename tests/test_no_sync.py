@@ -1,0 +1,52 @@
+"""The per-step controller path never reads a tensor back to the host (no .item(), bool(), float(), .cpu())."""
+
+import contextlib
+
+import pytest
+import torch
+
+import equirelax
+from equirelax.core.synthetic import gated_e3nn_model, make_task
+
+SYNCING = ("item", "__bool__", "__float__", "__int__", "cpu", "tolist", "numpy")
+
+
+@contextlib.contextmanager
+def forbid_host_reads(monkeypatch):
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            raise AssertionError(f"host-device sync: Tensor.{name}() in the per-step path")
+
+        return method
+
+    with monkeypatch.context() as patch:
+        for name in SYNCING:
+            patch.setattr(torch.Tensor, name, refuse(name))
+        yield
+
+
+@pytest.mark.parametrize(
+    "controller,options",
+    [("fixed", {}), ("cr", {"epochs": 3}), ("ace", {"augmented": 1.0}), ("ace-resilient", {}),
+     ("recm", {"probe_every": 2})],
+)
+@pytest.mark.parametrize("branch", ["linear", "mlp"])
+def test_per_step_path_has_no_host_sync(monkeypatch, controller, options, branch):
+    model = gated_e3nn_model()
+    handle = equirelax.relax(model, controller, branch=branch, **options)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # not wrapped: the hooks are called by hand below
+    x, y = make_task("field", 32)
+    gammas = []
+    for _ in range(4):
+        opt.zero_grad()
+        with forbid_host_reads(monkeypatch):
+            loss = (model(x) - y).pow(2).mean()
+            loss.backward()
+            handle.after_backward()
+        opt.step()
+        with forbid_host_reads(monkeypatch):
+            handle.after_step()
+        gammas.append(handle.levels())
+    # the controller did run: its state moved (except for the constant baseline and CR within an epoch)
+    if controller in ("ace", "ace-resilient", "recm"):
+        assert gammas[0] != gammas[-1]

@@ -195,6 +195,12 @@ class RelaxHandle:
             )
             self._reported_nonfinite = skipped
 
+    def resync(self, epoch: int | None = None):
+        """Re-read Python-side state from the layers' buffers (after a host loaded a checkpoint into the model)."""
+        self.epoch = int(self._first().state("epoch")) if epoch is None else int(epoch)
+        self._reported_nonfinite = int(self._first().state("nonfinite"))
+        self.hook.equirelax_load_state_dict(handle=self, state={})
+
     # ------------------------------------------------------------------ modes
     @contextlib.contextmanager
     def mode(self, mode: str):

@@ -167,6 +167,12 @@ class RelaxedLayer(nn.Module):
             delta = delta + nn.functional.linear(x, probe)
         return out + delta
 
+    def __getstate__(self):
+        # per-step caches and device-side index copies are not part of a saved model
+        state = self.__dict__.copy()
+        state.update(cached_inputs=[], probes=[], _positions=None, _projector=None)
+        return state
+
     def clear_step_cache(self):
         self.cached_inputs.clear()
         self.probes.clear()

@@ -1,0 +1,149 @@
+"""equirelax-mace-train: MACE's own CLI and YAML, with a relax: section (MACE environment only)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("mace")
+
+from equirelax.plugins.data import write_emt_dataset  # noqa: E402
+
+CLI = Path(sys.executable).parent / "equirelax-mace-train"
+MACE_CLI = Path(sys.executable).parent / "mace_run_train"
+
+BASE = {
+    "name": "tiny", "seed": 3, "train_file": "train.xyz", "valid_fraction": 0.2, "test_file": "test.xyz",
+    "E0s": "average", "model": "MACE", "hidden_irreps": "8x0e + 8x1o", "r_max": 4.0, "num_radial_basis": 4,
+    "num_cutoff_basis": 3, "max_L": 1, "correlation": 2, "num_interactions": 2, "batch_size": 20,
+    "valid_batch_size": 8, "max_num_epochs": 2, "device": "cpu", "default_dtype": "float64", "eval_interval": 1,
+    "energy_weight": 1.0, "forces_weight": 10.0,
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("emt")
+    write_emt_dataset(root / "train.xyz", 25, seed=0, field=[0.0, 0.0, 0.3])
+    write_emt_dataset(root / "test.xyz", 6, seed=1, field=[0.0, 0.0, 0.3])
+    return root
+
+
+def run(cli, workdir, data_dir, config, *extra):
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in ("train.xyz", "test.xyz"):
+        target = workdir / name
+        if not target.exists():
+            target.symlink_to(data_dir / name)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    return subprocess.run([str(cli), "--config", "config.yaml", *extra], cwd=workdir, capture_output=True,
+                          text=True, timeout=600)
+
+
+def results(workdir):
+    lines = (next((workdir / "results").glob("*_train.txt"))).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def exported_error(workdir):
+    from mace import data
+    from mace.tools import torch_geometric
+    from ase.io import read
+    import numpy as np
+
+    from equirelax.adapters.mace import mace_equivariance_error
+
+    model = torch.load(workdir / "tiny_exported.model", weights_only=False)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # MACE builds batches in the default dtype; the model is float64
+    try:
+        return _exported_error(model, workdir)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _exported_error(model, workdir):
+    from mace import data
+    from mace.tools import torch_geometric
+    from ase.io import read
+    import numpy as np
+
+    from equirelax.adapters.mace import mace_equivariance_error
+
+    atoms = read(workdir / "test.xyz", 0)
+    table = __import__("mace.tools", fromlist=["AtomicNumberTable"]).AtomicNumberTable([int(z) for z in model.atomic_numbers])
+    config = data.Configuration(atomic_numbers=atoms.numbers, positions=atoms.positions, cell=np.array(atoms.cell),
+                                pbc=(True,) * 3, properties={}, property_weights={})
+    item = data.AtomicData.from_config(config, z_table=table, cutoff=4.0)
+    batch = next(iter(torch_geometric.dataloader.DataLoader([item], batch_size=1))).to_dict()
+    assert not any(type(m).__module__.startswith("equirelax") for m in model.modules())
+    return mace_equivariance_error(model, batch, n_rotations=3)
+
+
+@pytest.mark.parametrize(
+    "controller,options",
+    [("fixed", {}), ("cr", {}), ("ace", {}), ("ace-resilient", {}), ("recm", {"probe_every": 2})],
+)
+def test_each_controller_trains_logs_gamma_and_exports_equivariant_mace(tmp_path, data_dir, controller, options):
+    config = {**BASE, "relax": {"controller": controller, "options": options}}
+    result = run(CLI, tmp_path, data_dir, config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [r for r in results(tmp_path) if r.get("mode") == "eval"]
+    gammas = [r["equirelax/gamma/interactions.0.linear"] for r in rows]
+    assert len(gammas) >= 2 and all(isinstance(g, float) for g in gammas)
+    assert "equirelax/equivariance_error/forces" in rows[-1]
+    if controller == "cr":
+        assert gammas[-1] == 0.0  # the schedule over max_num_epochs ends at θ = 0
+    error = exported_error(tmp_path)
+    assert error["energy"]["max"] < 1e-10 and error["forces"]["max"] < 1e-10
+
+
+def test_config_without_relax_trains_exactly_like_mace_run_train(tmp_path, data_dir):
+    ours = run(CLI, tmp_path / "ours", data_dir, BASE)
+    theirs = run(MACE_CLI, tmp_path / "theirs", data_dir, BASE)
+    assert ours.returncode == 0 and theirs.returncode == 0, (ours.stderr[-2000:], theirs.stderr[-2000:])
+    a = torch.load(tmp_path / "ours" / "tiny.model", weights_only=False).state_dict()
+    b = torch.load(tmp_path / "theirs" / "tiny.model", weights_only=False).state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "ours" / "tiny_exported.model").exists()
+
+
+def test_resume_with_restart_latest_continues_the_controller_trajectory(tmp_path, data_dir):
+    """MACE restarts *at* the checkpointed epoch (it trains that epoch again), so 2 epochs + a restart to 4
+    is 5 epochs of training: the λ trajectory must equal an uninterrupted 5-epoch run's (full-batch data, so
+    shuffling cannot change it)."""
+    relax = {"controller": "ace-resilient", "options": {"dual_lr": 0.05}}
+    full = run(CLI, tmp_path / "full", data_dir, {**BASE, "max_num_epochs": 5, "relax": relax})
+    assert full.returncode == 0, full.stderr[-3000:]
+    first = run(CLI, tmp_path / "resumed", data_dir, {**BASE, "max_num_epochs": 2, "relax": relax})
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run(CLI, tmp_path / "resumed", data_dir, {**BASE, "max_num_epochs": 4, "relax": relax},
+                 "--restart_latest")
+    assert second.returncode == 0, second.stderr[-3000:]
+    key = "equirelax/ace/lambda/interactions.0.linear"
+    uninterrupted = [r[key] for r in results(tmp_path / "full") if r.get("mode") == "eval"]
+    resumed = [r[key] for r in results(tmp_path / "resumed") if r.get("mode") == "eval"]
+    # the restart's first evaluation (before training) reports the checkpointed state: the same λ again
+    assert resumed[3] == resumed[2] > 0
+    del resumed[3]
+    assert len(resumed) == len(uninterrupted) == 6
+    assert resumed == pytest.approx(uninterrupted, rel=1e-9, abs=1e-12)
+    assert uninterrupted[-1] > uninterrupted[2]  # the dual variable kept moving after the restart point
+
+
+@pytest.mark.parametrize(
+    "relax,message",
+    [({"controller": "acme"}, "unknown controller 'acme'"),
+     ({"controller": "ace", "targets": ["interactions.*.nothing"]}, "matched no relaxable layer"),
+     ({"controller": "ace", "colour": "blue"}, "unknown key(s) ['colour']"),
+     ({"controller": "cr", "options": {"epochs": 50}}, "max_num_epochs=2")],
+)
+def test_bad_relax_section_is_a_clear_error(tmp_path, data_dir, relax, message):
+    result = run(CLI, tmp_path, data_dir, {**BASE, "relax": relax})
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]

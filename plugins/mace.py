@@ -1,0 +1,268 @@
+"""MACE integration: ``equirelax-mace-train`` runs MACE's own training with a relaxed model.
+
+It takes every ``mace_run_train`` argument and YAML config unchanged. A
+``relax:`` section in the YAML config (or ``--relax='{json}'`` on the command
+line) turns relaxation on; without it the run is exactly ``mace_run_train``.
+
+    relax:
+      controller: recm            # fixed | cr | ace | ace-resilient | recm | entry-point name
+      targets: ["interactions.*.linear", "products.*.linear"]   # optional (these are the default)
+      branch: linear              # or mlp
+      init: zero                  # zero: step-0 predictions unchanged (pretrained); random: papers' init
+      export: merge               # merge | drop | none: the exported plain-MACE model written at the end
+      options: {}                 # controller options, e.g. {form: resilient, dual_lr: 0.01}
+
+MACE has no plugin mechanism, so the controller goes in where ``run_train``
+looks its helpers up: ``configure_model`` (relax the built or foundation model),
+``get_params_options`` (keep weight decay on the wrapped linear weights),
+``get_optimizer`` (attach the controller to ``optimizer.step``), and in
+``mace.tools.train`` ``train_one_epoch`` (epoch end) and ``valid_err_log``
+(γ, λ, gap and equivariance error go into MACE's own results log). Controller
+state lives in module buffers, so MACE's checkpoints carry it and
+``--restart_latest`` restores it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+RELAX_KEYS = {"controller", "targets", "branch", "init", "init_std", "group", "export", "options", "on_nonfinite"}
+EXPORT_MODES = ("merge", "drop", "none")
+
+
+class RelaxConfigError(ValueError):
+    pass
+
+
+def validate_relax_config(section) -> dict:
+    if not isinstance(section, dict):
+        raise RelaxConfigError(f"equirelax: the 'relax' section must be a mapping, got {section!r}")
+    unknown = sorted(set(section) - RELAX_KEYS)
+    if unknown:
+        raise RelaxConfigError(f"equirelax: unknown key(s) {unknown} in 'relax'; allowed: {sorted(RELAX_KEYS)}")
+    config = {"controller": "ace", "branch": "linear", "init": "zero", "export": "merge", "options": {}, **section}
+    if config["export"] not in EXPORT_MODES:
+        raise RelaxConfigError(f"equirelax: relax.export must be one of {EXPORT_MODES}, got {config['export']!r}")
+    if not isinstance(config["options"], dict):
+        raise RelaxConfigError("equirelax: relax.options must be a mapping of controller options")
+    from ..core.controllers import get_controller
+
+    options = dict(config["options"])
+    if config["controller"] == "cr" and "epochs" not in options:
+        options["epochs"] = 1  # filled in from MACE's max_num_epochs once the arguments are parsed
+    get_controller(config["controller"], **options)  # fail before MACE starts, with a clear message
+    return config
+
+
+def split_relax_config(argv: list[str]):
+    """Take the relax settings out of the MACE arguments: ``(relax_config or None, argv for MACE)``."""
+    import yaml
+
+    argv = list(argv)
+    section = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--relax="):
+            section = json.loads(arg.split("=", 1)[1])
+            del argv[i]
+            break
+        if arg == "--relax":
+            section = json.loads(argv[i + 1])
+            del argv[i : i + 2]
+            break
+    for i, arg in enumerate(argv):
+        if arg == "--config" or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if "=" in arg else argv[i + 1]
+            with open(path, encoding="utf-8") as handle:
+                content = yaml.safe_load(handle) or {}
+            if "relax" in content:
+                if section is not None:
+                    raise RelaxConfigError("equirelax: relax settings given both in --relax and in the YAML config")
+                section = content.pop("relax")
+                stripped = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, prefix="mace-config-")
+                yaml.safe_dump(content, stripped)
+                stripped.close()
+                if "=" in arg:
+                    argv[i] = f"--config={stripped.name}"
+                else:
+                    argv[i + 1] = stripped.name
+            break
+    return (None if section is None else validate_relax_config(section)), argv
+
+
+class MaceSession:
+    """The relaxation of one MACE run: the handle, a probe batch and the export."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.handle = None
+        self.probe_batch = None
+
+    # ---------------------------------------------------------------- patches
+    def configure_model(self, original):
+        def configure_model(args, train_loader, *rest, **kwargs):
+            import equirelax
+
+            model, output_args = original(args, train_loader, *rest, **kwargs)
+            c = self.config
+            extra = {k: c[k] for k in ("init_std", "group", "on_nonfinite") if k in c}
+            options = dict(c["options"])
+            if c["controller"] == "cr" and "epochs" not in options:
+                options["epochs"] = args.max_num_epochs
+            if options.get("epochs", 0) > args.max_num_epochs:
+                raise RelaxConfigError(
+                    f"equirelax: the cr schedule runs over {options['epochs']} epochs but MACE trains for "
+                    f"max_num_epochs={args.max_num_epochs}; the schedule would not reach θ = 0"
+                )
+            self.handle = equirelax.relax(
+                model, c["controller"], targets=c.get("targets"), branch=c["branch"], init=c["init"],
+                adapter="mace", **extra, **options,
+            )
+            self.max_epochs = args.max_num_epochs
+            logging.info(f"equirelax: relaxed {sorted(self.handle.layers)} with controller {c['controller']!r}")
+            with contextlib.suppress(StopIteration, TypeError):
+                self.probe_batch = next(iter(train_loader))
+            return model, output_args
+
+        return configure_model
+
+    def get_params_options(self, original):
+        def get_params_options(args, model):
+            options = original(args, model)
+            # MACE decays "linear.weight" parameters of the interactions; a relaxed linear's weight is
+            # now "linear.base.weight", so move it back to the decayed group to keep MACE's behaviour.
+            groups = {g.get("name"): g for g in options["params"]}
+            decay, no_decay = groups.get("interactions_decay"), groups.get("interactions_no_decay")
+            if decay is not None and no_decay is not None:
+                named = dict(model.interactions.named_parameters())
+                moved = {id(p) for n, p in named.items() if "linear.base.weight" in n}
+                decay["params"] = list(decay["params"]) + [p for p in no_decay["params"] if id(p) in moved]
+                no_decay["params"] = [p for p in no_decay["params"] if id(p) not in moved]
+            return options
+
+        return get_params_options
+
+    def get_optimizer(self, original):
+        def get_optimizer(args, param_options):
+            optimizer = original(args, param_options)
+            return self.handle.wrap(optimizer) if self.handle is not None else optimizer
+
+        return get_optimizer
+
+    def train_one_epoch(self, original):
+        def train_one_epoch(*args, **kwargs):
+            epoch = kwargs.get("epoch")
+            if self.handle is not None and epoch is not None and self.handle.epoch != epoch:
+                self.handle.resync(epoch)  # resumed from a checkpoint: controller state came with the weights
+            result = original(*args, **kwargs)
+            if self.handle is not None:
+                self.handle.epoch_end()
+            return result
+
+        return train_one_epoch
+
+    def valid_err_log(self, original):
+        def valid_err_log(valid_loss, eval_metrics, logger, *args, **kwargs):
+            if self.handle is not None:
+                metrics = self.metrics()
+                eval_metrics.update(metrics)
+                text = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+                logging.info(f"equirelax: {text}")
+            return original(valid_loss, eval_metrics, logger, *args, **kwargs)
+
+        return valid_err_log
+
+    def metrics(self) -> dict:
+        metrics = {f"equirelax/{k}": v for k, v in self.handle.metrics().items()}
+        if self.probe_batch is not None:
+            from ..adapters.mace import mace_equivariance_error
+
+            model = self.handle.model
+            device = next(model.parameters()).device
+            batch = self.probe_batch.to(device).to_dict()
+            was_training = model.training
+            model.eval()
+            try:
+                error = mace_equivariance_error(model, batch, n_rotations=2)
+            finally:
+                model.train(was_training)
+            metrics["equirelax/equivariance_error/energy"] = error["energy"]["mean"]
+            metrics["equirelax/equivariance_error/forces"] = error["forces"]["mean"]
+        return metrics
+
+    @contextlib.contextmanager
+    def installed(self):
+        import mace.cli.run_train as run_train
+
+        train_module = sys.modules["mace.tools.train"]  # mace.tools.train is also the name of a function
+        patches = [
+            (run_train, "configure_model"), (run_train, "get_params_options"), (run_train, "get_optimizer"),
+            (train_module, "train_one_epoch"), (train_module, "valid_err_log"),
+        ]
+        saved = [(module, name, getattr(module, name)) for module, name in patches]
+        try:
+            for module, name, original in saved:
+                setattr(module, name, getattr(self, name)(original))
+            yield self
+        finally:
+            for module, name, original in saved:
+                setattr(module, name, original)
+
+    # ----------------------------------------------------------------- export
+    def export_models(self, args) -> list[Path]:
+        """Write ``<name>_exported.model`` (plain MACE, branches merged or dropped) next to MACE's models."""
+        import torch
+
+        import equirelax
+
+        mode = self.config["export"]
+        if mode == "none":
+            return []
+        written = []
+        for stem in (args.name, f"{args.name}_stagetwo"):
+            source = Path(args.model_dir) / f"{stem}.model"
+            if not source.exists():
+                continue
+            model = torch.load(source, map_location="cpu", weights_only=False)
+            equirelax.export(model, mode=mode)
+            target = Path(args.model_dir) / f"{stem}_exported.model"
+            torch.save(model, target)
+            logging.info(f"equirelax: exported plain MACE model ({mode}) to {target}")
+            written.append(target)
+        return written
+
+
+def main(argv=None) -> None:
+    """``equirelax-mace-train``: ``mace_run_train`` plus the ``relax`` settings."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        config, mace_argv = split_relax_config(argv)
+    except (RelaxConfigError, ValueError, TypeError) as error:
+        sys.exit(str(error))
+
+    import mace  # noqa: F401
+    from mace import tools
+    from mace.cli import run_train
+
+    args = tools.build_default_arg_parser().parse_args(mace_argv)
+    if config is None:
+        run_train.run(args)
+        return
+    session = MaceSession(config)
+    try:
+        with session.installed():
+            run_train.run(args)
+    except (ValueError, TypeError) as error:
+        if str(error).startswith("equirelax:"):
+            sys.exit(str(error))  # a configuration problem: say it plainly, without MACE's traceback
+        raise
+    session.export_models(args)
+
+
+if __name__ == "__main__":
+    main()

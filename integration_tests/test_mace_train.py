@@ -77,7 +77,7 @@ def _exported_error(model, workdir):
     atoms = read(workdir / "test.xyz", 0)
     table = __import__("mace.tools", fromlist=["AtomicNumberTable"]).AtomicNumberTable([int(z) for z in model.atomic_numbers])
     config = data.Configuration(atomic_numbers=atoms.numbers, positions=atoms.positions, cell=np.array(atoms.cell),
-                                pbc=(True,) * 3, properties={}, property_weights={})
+                                pbc=tuple(atoms.pbc), properties={}, property_weights={})
     item = data.AtomicData.from_config(config, z_table=table, cutoff=4.0)
     batch = next(iter(torch_geometric.dataloader.DataLoader([item], batch_size=1))).to_dict()
     assert not any(type(m).__module__.startswith("equirelax") for m in model.modules())

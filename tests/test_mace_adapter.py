@@ -37,7 +37,7 @@ def batch_of(table, n=3, seed=0, field=None):
     items = []
     for atoms in emt_configurations(n, seed=seed, field=field):
         config = data.Configuration(
-            atomic_numbers=atoms.numbers, positions=atoms.positions, cell=np.array(atoms.cell), pbc=(True,) * 3,
+            atomic_numbers=atoms.numbers, positions=atoms.positions, cell=np.array(atoms.cell), pbc=tuple(atoms.pbc),
             properties={"energy": atoms.info["REF_energy"], "forces": atoms.arrays["REF_forces"]},
             property_weights={"energy": 1.0, "forces": 1.0},
         )

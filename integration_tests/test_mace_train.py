@@ -147,3 +147,21 @@ def test_bad_relax_section_is_a_clear_error(tmp_path, data_dir, relax, message):
     result = run(CLI, tmp_path, data_dir, {**BASE, "relax": relax})
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
+
+
+def test_foundation_model_fine_tuning_starts_from_identical_predictions(tmp_path, data_dir):
+    """--foundation_model with a local .model: the relaxed run's initial validation equals vanilla fine-tuning's."""
+    pre = run(CLI, tmp_path / "pre", data_dir, {**BASE, "name": "pre", "max_num_epochs": 1})
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    fine_tune = {**BASE, "max_num_epochs": 1, "foundation_model": str(tmp_path / "pre" / "pre.model"),
+                 "multiheads_finetuning": False, "E0s": "foundation"}
+    vanilla = run(CLI, tmp_path / "vanilla", data_dir, fine_tune)
+    relaxed = run(CLI, tmp_path / "relaxed", data_dir, {**fine_tune, "relax": {"controller": "recm"}})
+    assert vanilla.returncode == 0 and relaxed.returncode == 0, (vanilla.stderr[-2000:], relaxed.stderr[-2000:])
+
+    def initial(workdir):
+        rows = [r for r in results(workdir) if r.get("mode") == "eval"]
+        return {k: v for k, v in rows[0].items() if k in ("loss", "mae_e", "mae_f", "rmse_e", "rmse_f")}
+
+    assert initial(tmp_path / "relaxed") == initial(tmp_path / "vanilla")
+    assert initial(tmp_path / "vanilla")["rmse_f"] > 0

@@ -50,7 +50,10 @@ def lie_derivative_terms(branch: nn.Module, x: torch.Tensor, A_in, A_out):
     """
     x = x.reshape(-1, x.shape[-1])
     n = max(x.shape[0], 1)
-    if isinstance(branch, LinearBranch) and isinstance(A_in, GeneratorAction) and isinstance(A_out, GeneratorAction):
+    d_in, d_out = x.shape[-1], getattr(branch, "dim_out", x.shape[-1])
+    closed_form_cheaper = d_in * (n + 6 * d_out) < 9 * n * d_out  # rough FLOP counts of the two routes
+    if (isinstance(branch, LinearBranch) and isinstance(A_in, GeneratorAction) and isinstance(A_out, GeneratorAction)
+            and closed_form_cheaper):
         # closed form: mean_n ‖M x_n‖² = tr(M C Mᵀ) with C = XᵀX/n and M_k = W A_k − A_k W
         C = x.T @ x / n
         W = branch.weight

@@ -1,0 +1,130 @@
+"""MACE training-step time, relaxed vs vanilla (same model, same batch, one run), and exported-model inference.
+
+    .venv-mace/bin/python benchmarks/mace_speed.py [--hidden "64x0e + 64x1o"] [--repeats 5] [--steps 10]
+
+A training step is MACE's own: forward with forces (training=True, so the force
+graph is kept), energy + force loss, backward, Adam step. Variants are timed
+interleaved; medians of repeats. Inference compares the exported (merged)
+model of each controller with the vanilla model of the same size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import mace  # noqa: F401
+import equirelax
+
+CONTROLLERS = [("vanilla", None, {}), ("fixed", "fixed", {}), ("cr", "cr", {"epochs": 10}), ("ace", "ace", {}),
+               ("ace-resilient", "ace-resilient", {}), ("recm", "recm", {})]
+
+
+def build(hidden: str):
+    from e3nn import o3
+    from mace import modules, tools
+
+    table = tools.AtomicNumberTable([13, 29])
+    torch.manual_seed(0)
+    model = modules.ScaleShiftMACE(
+        r_max=4.5, num_bessel=8, num_polynomial_cutoff=5, max_ell=2,
+        interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+        interaction_cls_first=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+        num_interactions=2, num_elements=2, hidden_irreps=o3.Irreps(hidden), MLP_irreps=o3.Irreps("16x0e"),
+        gate=torch.nn.functional.silu, atomic_energies=np.zeros(2), avg_num_neighbors=8, atomic_numbers=table.zs,
+        correlation=3, radial_type="bessel", atomic_inter_scale=1.0, atomic_inter_shift=0.0,
+    )
+    return model, table
+
+
+def make_batch(table, n=8):
+    from mace import data
+    from mace.tools import torch_geometric
+
+    from equirelax.plugins.data import emt_configurations
+
+    items = []
+    for atoms in emt_configurations(n, seed=0, field=[0.0, 0.0, 0.3]):
+        config = data.Configuration(
+            atomic_numbers=atoms.numbers, positions=atoms.positions, cell=np.array(atoms.cell), pbc=tuple(atoms.pbc),
+            properties={"energy": atoms.info["REF_energy"], "forces": atoms.arrays["REF_forces"]},
+            property_weights={"energy": 1.0, "forces": 1.0},
+        )
+        items.append(data.AtomicData.from_config(config, z_table=table, cutoff=4.5))
+    return next(iter(torch_geometric.dataloader.DataLoader(items, batch_size=n))).to_dict()
+
+
+def train_time(model, handle, batch, steps):
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    if handle:
+        handle.wrap(opt)
+
+    def step():
+        opt.zero_grad()
+        out = model(batch, training=True, compute_force=True)
+        loss = ((out["energy"] - batch["energy"]) ** 2).mean() + ((out["forces"] - batch["forces"]) ** 2).mean()
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def inference_time(model, batch, steps):
+    model.eval()
+    for _ in range(2):
+        model(batch, training=False, compute_force=True)
+    start = time.perf_counter()
+    for _ in range(steps):
+        model(batch, training=False, compute_force=True)
+    return (time.perf_counter() - start) / steps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", default="64x0e + 64x1o")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_default_dtype(torch.float64)
+    base, table = build(args.hidden)
+    batch = make_batch(table)
+    variants = {}
+    for label, controller, options in CONTROLLERS:
+        model = copy.deepcopy(base)
+        variants[label] = (model, equirelax.relax(model, controller, **options) if controller else None)
+    train = {label: [] for label in variants}
+    for _ in range(args.repeats):
+        for label, (model, handle) in variants.items():
+            train[label].append(train_time(model, handle, batch, args.steps))
+    # every variant deep-copied alike (e3nn rebuilds its generated code on copy)
+    exported = {label: equirelax.export(copy.deepcopy(model)) if handle else copy.deepcopy(model)
+                for label, (model, handle) in variants.items()}
+    infer = {label: [] for label in variants}
+    for _ in range(args.repeats):
+        for label, model in exported.items():
+            infer[label].append(inference_time(model, batch, args.steps))
+    n_atoms = batch["positions"].shape[0]
+    print(f"# MACE ({args.hidden}, 2 interactions, correlation 3), batch of 8 clusters ({n_atoms} atoms), float64, "
+          f"{args.threads} threads, median of {args.repeats} repeats of {args.steps} steps, variants interleaved\n")
+    print("| model | train step (ms) | relaxed / vanilla | exported inference (ms) | exported / vanilla |")
+    print("|---|---|---|---|---|")
+    t0, i0 = statistics.median(train["vanilla"]), statistics.median(infer["vanilla"])
+    for label in variants:
+        t, i = statistics.median(train[label]), statistics.median(infer[label])
+        print(f"| {label} | {1000 * t:.1f} | {t / t0:.3f} | {1000 * i:.1f} | {i / i0:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

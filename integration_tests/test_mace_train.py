@@ -165,3 +165,32 @@ def test_foundation_model_fine_tuning_starts_from_identical_predictions(tmp_path
 
     assert initial(tmp_path / "relaxed") == initial(tmp_path / "vanilla")
     assert initial(tmp_path / "vanilla")["rmse_f"] > 0
+
+
+MD_SCRIPT = """
+import sys
+sys.modules["equirelax"] = None  # the exported model must not need equirelax
+import numpy as np
+from ase import units
+from ase.io import read
+from ase.md.verlet import VelocityVerlet
+from mace.calculators import MACECalculator
+
+atoms = read("test.xyz", 0)
+atoms.calc = MACECalculator(model_paths="tiny_exported.model", device="cpu", default_dtype="float64")
+start = atoms.get_potential_energy() + atoms.get_kinetic_energy()
+VelocityVerlet(atoms, 0.5 * units.fs).run(20)
+end = atoms.get_potential_energy() + atoms.get_kinetic_energy()
+assert np.isfinite(atoms.get_forces()).all()
+print("MD-OK", abs(end - start))
+"""
+
+
+def test_exported_model_runs_ase_md_without_equirelax(tmp_path, data_dir):
+    result = run(CLI, tmp_path, data_dir, {**BASE, "relax": {"controller": "recm"}})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "tiny_exported_compiled.model").exists()
+    md = subprocess.run([sys.executable, "-c", MD_SCRIPT], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert md.returncode == 0, md.stderr[-3000:]
+    drift = float(md.stdout.split("MD-OK")[1])
+    assert drift < 0.05  # eV over 20 steps: the forces are the energy's gradient

@@ -25,6 +25,7 @@ state lives in module buffers, so MACE's checkpoints carry it and
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -234,6 +235,14 @@ class MaceSession:
             torch.save(model, target)
             logging.info(f"equirelax: exported plain MACE model ({mode}) to {target}")
             written.append(target)
+            try:  # as MACE does for its own models: a TorchScript file for LAMMPS and other C++ hosts
+                from e3nn.util import jit
+
+                compiled = Path(args.model_dir) / f"{stem}_exported_compiled.model"
+                torch.jit.save(jit.compile(copy.deepcopy(model)), compiled)
+                written.append(compiled)
+            except Exception as error:  # noqa: BLE001  (MACE skips compilation failures the same way)
+                logging.warning(f"equirelax: could not compile the exported model: {error}")
         return written
 
 

@@ -127,7 +127,7 @@ class RelaxHandle:
         """Attach the controller to ``optimizer`` (returned as is, so LR schedulers keep working).
 
         Parameters equirelax added that the optimizer does not hold yet are added
-        as a new param group with the first group's settings.
+        as a new param group with the optimizer's defaults (its constructor's lr etc.).
         """
         if any(opt is optimizer for opt in self._wrapped):
             return optimizer  # already attached: a second set of hooks would run the controller twice

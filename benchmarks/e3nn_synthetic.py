@@ -141,7 +141,8 @@ def time_steps(model, handle, inputs, y, steps):
 
 def speed(args):
     torch.set_num_threads(args.threads)
-    print(f"# speed: batch {args.batch} rows, float32, {args.threads} threads, median of {args.repeats} repeats "
+    print(f"# speed: {args.branch} branch{'' if args.rank is None else f' (rank {args.rank})'}, "
+          f"batch {args.batch} rows, float32, {args.threads} threads, median of {args.repeats} repeats "
           f"of {args.steps} steps, variants interleaved\n")
     for title, build in (
         ("o3.Linear stack 32x0e+16x1o+8x2e → 64x0e+32x1o+16x2e → … → 1x0e+1x1o, every layer relaxed", linear_stack),
@@ -155,7 +156,8 @@ def speed(args):
         variants = {}
         for label, controller, options in CONTROLLERS:
             model = copy.deepcopy(base)
-            handle = equirelax.relax(model, controller, targets=targets, **options) if controller else None
+            handle = (equirelax.relax(model, controller, targets=targets, branch=args.branch, rank=args.rank,
+                                      **options) if controller else None)
             variants[label] = (model, handle)
         times = {label: [] for label in variants}
         for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
@@ -182,6 +184,8 @@ def main():
     spd.add_argument("--steps", type=int, default=20)
     spd.add_argument("--batch", type=int, default=1024)
     spd.add_argument("--threads", type=int, default=2)
+    spd.add_argument("--branch", default="linear", choices=["linear", "lowrank", "mlp"])
+    spd.add_argument("--rank", type=int, default=None, help="rank of a lowrank branch (default 8)")
     args = parser.parse_args()
     accuracy(args) if args.command == "accuracy" else speed(args)
 

@@ -95,6 +95,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--branch", default="linear", choices=["linear", "lowrank", "mlp"])
+    parser.add_argument("--rank", type=int, default=None, help="rank of a lowrank branch (default 8)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float64)
@@ -103,7 +105,8 @@ def main():
     variants = {}
     for label, controller, options in CONTROLLERS:
         model = copy.deepcopy(base)
-        variants[label] = (model, equirelax.relax(model, controller, **options) if controller else None)
+        variants[label] = (model, equirelax.relax(model, controller, branch=args.branch, rank=args.rank, **options)
+                           if controller else None)
     train = {label: [] for label in variants}
     for _ in range(args.repeats):
         for label, (model, handle) in variants.items():
@@ -116,7 +119,8 @@ def main():
         for label, model in exported.items():
             infer[label].append(inference_time(model, batch, args.steps))
     n_atoms = batch["positions"].shape[0]
-    print(f"# MACE ({args.hidden}, 2 interactions, correlation 3), batch of 8 clusters ({n_atoms} atoms), float64, "
+    print(f"# MACE ({args.hidden}, 2 interactions, correlation 3), {args.branch} branch"
+          f"{'' if args.rank is None else f' (rank {args.rank})'}, batch of 8 clusters ({n_atoms} atoms), float64, "
           f"{args.threads} threads, median of {args.repeats} repeats of {args.steps} steps, variants interleaved\n")
     print("| model | train step (ms) | relaxed / vanilla | exported inference (ms) | exported / vanilla |")
     print("|---|---|---|---|---|")

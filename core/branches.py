@@ -65,10 +65,47 @@ class MLPBranch(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-BRANCHES = {"linear": LinearBranch, "mlp": MLPBranch}
+class LowRankBranch(nn.Module):
+    """Linear map of rank ``rank``: W = B·A, applied as x → A x → B(A x).
+
+    Still a linear branch (projection and merge use the dense ``weight``), at a
+    cost of rank·(dim_in + dim_out) per row instead of dim_in·dim_out. With
+    ``init="zero"`` B starts at zero (A random), as in LoRA.
+    """
+
+    kind = "lowrank"
+
+    def __init__(self, dim_in: int, dim_out: int, init: str = "zero", init_std: float = 1e-2, rank: int = 8):
+        super().__init__()
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ValueError(f"equirelax: lowrank branch 'rank' must be a positive integer, got {rank!r}")
+        self.dim_in, self.dim_out, self.rank = dim_in, dim_out, rank
+        self.A = nn.Parameter(torch.randn(rank, dim_in) / math.sqrt(dim_in))
+        self.B = nn.Parameter(torch.empty(dim_out, rank))
+        if _check_init(init) == "zero":
+            nn.init.zeros_(self.B)
+        else:
+            nn.init.normal_(self.B, std=init_std)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.B @ self.A
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(nn.functional.linear(x, self.A), self.B)
+
+    def extra_repr(self) -> str:
+        return f"dim_in={self.dim_in}, dim_out={self.dim_out}, rank={self.rank}"
 
 
-def make_branch(kind: str, dim_in: int, dim_out: int, init: str = "zero", init_std: float = 1e-2) -> nn.Module:
+BRANCHES = {"linear": LinearBranch, "lowrank": LowRankBranch, "mlp": MLPBranch}
+LINEAR_KINDS = (LinearBranch, LowRankBranch)  # branches that are linear maps: closed-form projection and merge
+
+
+def make_branch(kind: str, dim_in: int, dim_out: int, init: str = "zero", init_std: float = 1e-2,
+                **options) -> nn.Module:
     if kind not in BRANCHES:
         raise ValueError(f"equirelax: unknown branch kind {kind!r}; choose one of {sorted(BRANCHES)}")
-    return BRANCHES[kind](dim_in, dim_out, init=init, init_std=init_std)
+    if options and kind != "lowrank":
+        raise ValueError(f"equirelax: branch {kind!r} takes no options, got {sorted(options)}")
+    return BRANCHES[kind](dim_in, dim_out, init=init, init_std=init_std, **options)

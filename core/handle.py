@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import hookspecs
-from .branches import LinearBranch, make_branch
+from .branches import LINEAR_KINDS, make_branch
 from .controllers import get_controller
 from .irreps import check_group
 from .layer import RelaxedLayer
@@ -300,6 +300,7 @@ def relax(
     group: str = "O3",
     positions: bool = False,
     on_nonfinite: str = "warn",
+    rank: int | None = None,
     **controller_options,
 ) -> RelaxHandle:
     """Patch ``model`` in place: each target layer becomes ``f_eq(x) + γ·f_neq(x)``.
@@ -308,7 +309,8 @@ def relax(
         entry-point name, or a Controller; ``controller_options`` go to it.
     targets: name pattern(s) (fnmatch, on ``model.named_modules()`` names) and/or
         module types; None relaxes the adapter's default layers.
-    branch: ``"linear"`` or ``"mlp"``. ``positions=True`` also feeds raw
+    branch: ``"linear"`` (dense), ``"lowrank"`` (W = B·A of rank ``rank``, default 8:
+        cheaper on wide layers) or ``"mlp"``. ``positions=True`` also feeds raw
         Cartesian positions (see ``RelaxHandle.set_positions``).
     init: ``"zero"`` leaves the model's output unchanged at step 0 (for pretrained
         models); ``"random"`` draws small branch weights (std ``init_std``), as in the papers.
@@ -340,12 +342,14 @@ def relax(
             adapter=chosen_adapter.name,
             mergeable=spec.mergeable,
         )
-        layer.branch = make_branch(branch, layer.branch_irreps_in.dim, layer.irreps_out.dim, init, init_std)
+        branch_options = {} if rank is None else {"rank": rank}
+        layer.branch = make_branch(branch, layer.branch_irreps_in.dim, layer.irreps_out.dim, init, init_std,
+                                   **branch_options)
         if reference is not None:
             layer.to(device=reference.device, dtype=reference.dtype if reference.is_floating_point() else None)
         _set_submodule(model, name, layer)
         layers[name] = layer
-    config = {"branch": branch, "init": init, "group": group, "positions": positions, "on_nonfinite": on_nonfinite}
+    config = {"branch": branch, "rank": rank, "init": init, "group": group, "positions": positions, "on_nonfinite": on_nonfinite}
     return RelaxHandle(model, layers, ctrl, chosen_adapter, config)
 
 
@@ -374,7 +378,7 @@ def export(model: nn.Module, mode: str = "merge", *, inplace: bool = True) -> nn
     dropped = []
     for name, layer in outermost.items():
         if mode == "merge":
-            if isinstance(layer.branch, LinearBranch) and layer.mergeable:
+            if isinstance(layer.branch, LINEAR_KINDS) and layer.mergeable:
                 with torch.no_grad():
                     weight = layer.gamma.detach() * layer.projector(layer.branch.weight.detach())
                     weight = weight[:, : layer.feature_dim]  # raw-position columns do not merge

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .branches import LinearBranch
+from .branches import LINEAR_KINDS, LinearBranch
 from .irreps import CARTESIAN_TO_E3NN, as_irreps
 from .projection import HaarProjector, mc_project
 
@@ -122,7 +122,7 @@ class RelaxedLayer(nn.Module):
 
     def projected_branch(self, x: torch.Tensor) -> torch.Tensor:
         """``P(f_neq)(x)``: closed form for linear branches, Monte Carlo otherwise."""
-        if isinstance(self.branch, LinearBranch):
+        if isinstance(self.branch, LINEAR_KINDS):
             return nn.functional.linear(x, self.projector(self.branch.weight))
         value, _ = mc_project(
             self.branch, x, self.branch_irreps_in, self.irreps_out, n_samples=self.projection_samples, group=self.group
@@ -150,14 +150,14 @@ class RelaxedLayer(nn.Module):
             probe = torch.zeros(self.irreps_out.dim, x.shape[-1], dtype=x.dtype, device=x.device, requires_grad=True)
             self.probes.append(probe)
         if probing:
-            out = out + self.probing_branch(x) if isinstance(self.branch, LinearBranch) else out
+            out = out + self.probing_branch(x) if isinstance(self.branch, LINEAR_KINDS) else out
             return out if probe is None else out + nn.functional.linear(x, probe)
         if self.mode == "equivariant":
             return out if probe is None else out + nn.functional.linear(x, probe)
         gamma = self.gamma.to(out.dtype)
         if self.mode == "projected":
             return out + gamma * self.projected_branch(x)
-        if isinstance(self.branch, LinearBranch):
+        if type(self.branch) is LinearBranch:  # fused: scale the small matrix, not the activations
             weight = gamma * self.branch.weight
             if probe is not None:
                 weight = weight + probe

@@ -7,7 +7,7 @@ line) turns relaxation on; without it the run is exactly ``mace_run_train``.
     relax:
       controller: recm            # fixed | cr | ace | ace-resilient | recm | entry-point name
       targets: ["interactions.*.linear", "products.*.linear"]   # optional (these are the default)
-      branch: linear              # or mlp
+      branch: linear              # linear | lowrank (with rank: 8) | mlp
       init: zero                  # zero: step-0 predictions unchanged (pretrained); random: papers' init
       export: merge               # merge | drop | none: the exported plain-MACE model written at the end
       options: {}                 # controller options, e.g. {form: resilient, dual_lr: 0.01}
@@ -33,7 +33,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-RELAX_KEYS = {"controller", "targets", "branch", "init", "init_std", "group", "export", "options", "on_nonfinite"}
+RELAX_KEYS = {"controller", "targets", "branch", "rank", "init", "init_std", "group", "export", "options",
+              "on_nonfinite"}
 EXPORT_MODES = ("merge", "drop", "none")
 
 
@@ -111,7 +112,7 @@ class MaceSession:
 
             model, output_args = original(args, train_loader, *rest, **kwargs)
             c = self.config
-            extra = {k: c[k] for k in ("init_std", "group", "on_nonfinite") if k in c}
+            extra = {k: c[k] for k in ("init_std", "group", "on_nonfinite", "rank") if k in c}
             options = dict(c["options"])
             if c["controller"] == "cr" and "epochs" not in options:
                 options["epochs"] = args.max_num_epochs

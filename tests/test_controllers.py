@@ -210,11 +210,13 @@ def test_blockwise_generator_action_equals_dense_generators():
     assert torch.allclose(GeneratorAction(irreps)(x), dense, atol=1e-12)
 
 
-def test_closed_form_lie_derivative_equals_the_rowwise_one():
+@pytest.mark.parametrize("kind", ["linear", "lowrank"])
+def test_closed_form_lie_derivative_equals_the_rowwise_one(kind):
+    from equirelax.core.branches import make_branch
     from equirelax.core.irreps import GeneratorAction
 
     irreps_in, irreps_out = "2x0e+1x1o+1x2e", "1x0e+2x1o+1x2o"
-    branch = LinearBranch(10, 12, init="random", init_std=1.0)
+    branch = make_branch(kind, 10, 12, init="random", init_std=1.0, **({"rank": 4} if kind == "lowrank" else {}))
     x = torch.randn(40, 10)
     closed = lie_derivative_terms(branch, x, GeneratorAction(irreps_in), GeneratorAction(irreps_out))
     rowwise = lie_derivative_terms(branch, x, so3_generators(irreps_in), so3_generators(irreps_out))

@@ -59,7 +59,9 @@ def test_model_without_e3nn_layers():
 @pytest.mark.parametrize(
     "kwargs,message",
     [({"branch": "transformer"}, "unknown branch kind"), ({"init": "xavier"}, "unknown branch init"),
-     ({"group": "SE3"}, "unknown symmetry group"), ({"on_nonfinite": "ignore"}, "on_nonfinite")],
+     ({"group": "SE3"}, "unknown symmetry group"), ({"on_nonfinite": "ignore"}, "on_nonfinite"),
+     ({"branch": "lowrank", "rank": 0}, "'rank' must be a positive integer"),
+     ({"branch": "mlp", "rank": 4}, "takes no options")],
 )
 def test_bad_relax_arguments(model, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -16,7 +16,7 @@ CONTROLLERS = [("fixed", {}), ("cr", {"epochs": 4}), ("ace", {}), ("ace-resilien
 
 
 @pytest.mark.parametrize("controller,options", CONTROLLERS)
-@pytest.mark.parametrize("branch", ["linear", "mlp"])
+@pytest.mark.parametrize("branch", ["linear", "lowrank", "mlp"])
 def test_pretrained_safe_init_is_bit_identical(model, controller, options, branch):
     x = torch.randn(32, o3.Irreps(IRREPS_IN).dim)
     reference = model(x)
@@ -31,7 +31,7 @@ def test_pretrained_safe_init_is_bit_identical(model, controller, options, branc
 
 
 @settings(max_examples=15, deadline=None)
-@given(st.integers(0, 10**6), st.sampled_from(["linear", "mlp"]))
+@given(st.integers(0, 10**6), st.sampled_from(["linear", "lowrank", "mlp"]))
 def test_gamma_zero_reproduces_host_bit_for_bit_with_trained_branch(seed, branch):
     torch.manual_seed(seed)
     from equirelax.core.synthetic import gated_e3nn_model
@@ -54,6 +54,8 @@ def test_random_init_changes_output_and_branch_is_gated(model):
 
 def _trained(model, controller="fixed", branch="linear", steps=60, **options):
     x, y = make_task("field", 256, seed=1)
+    if branch == "lowrank":
+        options.setdefault("rank", 3)
     handle = equirelax.relax(model, controller, branch=branch, init="random", **options)
     opt = handle.wrap(torch.optim.Adam(model.parameters(), 1e-2))
     for _ in range(steps):
@@ -63,8 +65,9 @@ def _trained(model, controller="fixed", branch="linear", steps=60, **options):
     return handle, x
 
 
-def test_export_merge_is_equivariant_and_equals_projected_model(model):
-    handle, x = _trained(model)
+@pytest.mark.parametrize("branch", ["linear", "lowrank"])
+def test_export_merge_is_equivariant_and_equals_projected_model(model, branch):
+    handle, x = _trained(model, branch=branch)
     assert equirelax.equivariance_error(model, x).mean > 1e-3  # the relaxed model is not equivariant
     with handle.projected():
         projected = model(x)

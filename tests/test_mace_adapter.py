@@ -76,10 +76,11 @@ def test_pretrained_model_file_relaxes_with_identical_predictions(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(predict(loaded, batch), (energy, forces)))
 
 
-def test_trained_relaxed_mace_exports_to_plain_equivariant_mace():
+@pytest.mark.parametrize("branch,options", [("linear", {}), ("lowrank", {"rank": 4})])
+def test_trained_relaxed_mace_exports_to_plain_equivariant_mace(branch, options):
     model, table = tiny_mace()
     batch = batch_of(table, field=[0.0, 0.0, 0.5])
-    handle = equirelax.relax(model, "fixed", init="random", init_std=0.05)
+    handle = equirelax.relax(model, "fixed", branch=branch, init="random", init_std=0.05, **options)
     opt = handle.wrap(torch.optim.Adam(model.parameters(), 1e-2))
     for _ in range(5):
         opt.zero_grad()

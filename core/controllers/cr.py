@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..branches import LinearBranch
+from ..branches import LINEAR_KINDS
 from ..hookspecs import hookimpl
 from ..irreps import GeneratorAction
 from .base import Controller
@@ -52,7 +52,7 @@ def lie_derivative_terms(branch: nn.Module, x: torch.Tensor, A_in, A_out):
     n = max(x.shape[0], 1)
     d_in, d_out = x.shape[-1], getattr(branch, "dim_out", x.shape[-1])
     closed_form_cheaper = d_in * (n + 6 * d_out) < 9 * n * d_out  # rough FLOP counts of the two routes
-    if (isinstance(branch, LinearBranch) and isinstance(A_in, GeneratorAction) and isinstance(A_out, GeneratorAction)
+    if (isinstance(branch, LINEAR_KINDS) and isinstance(A_in, GeneratorAction) and isinstance(A_out, GeneratorAction)
             and closed_form_cheaper):
         # closed form: mean_n ‖M x_n‖² = tr(M C Mᵀ) with C = XᵀX/n and M_k = W A_k − A_k W
         C = x.T @ x / n
@@ -61,7 +61,7 @@ def lie_derivative_terms(branch: nn.Module, x: torch.Tensor, A_in, A_out):
         return (M @ C * M).sum(), (W @ C * W).sum()
     Ax = _action(A_in)(x)
     fx = branch(x)
-    if isinstance(branch, LinearBranch):
+    if isinstance(branch, LINEAR_KINDS):
         JAx = branch(Ax)
     else:
         JAx = torch.stack(

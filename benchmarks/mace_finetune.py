@@ -75,6 +75,7 @@ def main():
         pre = root / f"pretrain-{seed}"
         run(pre, {**BASE, "name": "pre", "seed": seed, "E0s": "average", "lr": 0.01,
                   "train_file": str(root / "sym.xyz"), "max_num_epochs": args.pretrain_epochs})
+        # (the same pretraining as `equirelax pretrain --host mace`, on a fixed symmetric set shared by all seeds)
         for name, relax in RUNS:
             config = {**BASE, "name": name, "seed": seed, "lr": 0.005, "max_num_epochs": args.epochs,
                       "train_file": str(root / "field_train.xyz"), "test_file": str(root / "field_test.xyz"),

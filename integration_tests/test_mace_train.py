@@ -194,3 +194,22 @@ def test_exported_model_runs_ase_md_without_equirelax(tmp_path, data_dir):
     assert md.returncode == 0, md.stderr[-3000:]
     drift = float(md.stdout.split("MD-OK")[1])
     assert drift < 0.05  # eV over 20 steps: the forces are the energy's gradient
+
+
+def test_equirelax_data_and_pretrain_commands(tmp_path):
+    from ase.io import read
+
+    equirelax_cli = Path(sys.executable).parent / "equirelax"
+    data = subprocess.run([str(equirelax_cli), "data", "emt-field", "f.xyz", "--n", "4", "--field", "0", "0", "0.2"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert data.returncode == 0, data.stderr
+    frames = read(tmp_path / "f.xyz", ":")
+    assert len(frames) == 4 and "REF_forces" in frames[0].arrays and "REF_energy" in frames[0].info
+    bad = subprocess.run([str(equirelax_cli), "data", "emt", "x.xyz", "--n", "0"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "--n must be a positive" in bad.stderr
+    pre = subprocess.run([str(equirelax_cli), "pretrain", "--host", "mace", "--out", "pre", "--n", "20",
+                          "--epochs", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    model = torch.load(tmp_path / "pre" / "pretrained.model", weights_only=False)
+    assert type(model).__name__ in ("MACE", "ScaleShiftMACE")

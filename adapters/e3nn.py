@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
 
 from ..core._e3nn import o3
 from ..core.irreps import as_irreps
@@ -110,11 +109,3 @@ class E3nnAdapter(Adapter):
             )
         with torch.no_grad():
             linear.weight.add_(delta.to(device=linear.weight.device, dtype=linear.weight.dtype))
-
-    @staticmethod
-    def relaxable_types():
-        return RELAXABLE
-
-
-def is_relaxable(module: nn.Module) -> bool:
-    return isinstance(module, RELAXABLE)

@@ -38,6 +38,27 @@ class MaceAdapter(E3nnAdapter):
         }
 
 
+def mace_batch(frames, table, cutoff: float) -> dict:
+    """A MACE batch dict from ASE ``Atoms`` (``REF_energy`` / ``REF_forces`` become energy/forces when present)."""
+    import numpy as np
+    from mace import data
+    from mace.tools import torch_geometric
+
+    items = []
+    for atoms in frames:
+        properties = {}
+        if "REF_energy" in atoms.info:
+            properties["energy"] = atoms.info["REF_energy"]
+        if "REF_forces" in atoms.arrays:
+            properties["forces"] = atoms.arrays["REF_forces"]
+        config = data.Configuration(
+            atomic_numbers=atoms.numbers, positions=atoms.positions, cell=np.array(atoms.cell), pbc=tuple(atoms.pbc),
+            properties=properties, property_weights={key: 1.0 for key in properties},
+        )
+        items.append(data.AtomicData.from_config(config, z_table=table, cutoff=cutoff))
+    return next(iter(torch_geometric.dataloader.DataLoader(items, batch_size=len(items)))).to_dict()
+
+
 def _rotate_batch(batch: dict, R: torch.Tensor) -> dict:
     rotated = dict(batch)
     for key in ("positions", "shifts", "cell"):

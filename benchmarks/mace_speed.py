@@ -43,20 +43,10 @@ def build(hidden: str):
 
 
 def make_batch(table, n=8):
-    from mace import data
-    from mace.tools import torch_geometric
-
+    from equirelax.adapters.mace import mace_batch
     from equirelax.plugins.data import emt_configurations
 
-    items = []
-    for atoms in emt_configurations(n, seed=0, field=[0.0, 0.0, 0.3]):
-        config = data.Configuration(
-            atomic_numbers=atoms.numbers, positions=atoms.positions, cell=np.array(atoms.cell), pbc=tuple(atoms.pbc),
-            properties={"energy": atoms.info["REF_energy"], "forces": atoms.arrays["REF_forces"]},
-            property_weights={"energy": 1.0, "forces": 1.0},
-        )
-        items.append(data.AtomicData.from_config(config, z_table=table, cutoff=4.5))
-    return next(iter(torch_geometric.dataloader.DataLoader(items, batch_size=n))).to_dict()
+    return mace_batch(emt_configurations(n, seed=0, field=[0.0, 0.0, 0.3]), table, cutoff=4.5)
 
 
 def train_time(model, handle, batch, steps):

@@ -50,13 +50,6 @@ def results(workdir):
 
 
 def exported_error(workdir):
-    from mace import data
-    from mace.tools import torch_geometric
-    from ase.io import read
-    import numpy as np
-
-    from equirelax.adapters.mace import mace_equivariance_error
-
     model = torch.load(workdir / "tiny_exported.model", weights_only=False)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # MACE builds batches in the default dtype; the model is float64
@@ -67,19 +60,13 @@ def exported_error(workdir):
 
 
 def _exported_error(model, workdir):
-    from mace import data
-    from mace.tools import torch_geometric
     from ase.io import read
-    import numpy as np
+    from mace.tools import AtomicNumberTable
 
-    from equirelax.adapters.mace import mace_equivariance_error
+    from equirelax.adapters.mace import mace_batch, mace_equivariance_error
 
-    atoms = read(workdir / "test.xyz", 0)
-    table = __import__("mace.tools", fromlist=["AtomicNumberTable"]).AtomicNumberTable([int(z) for z in model.atomic_numbers])
-    config = data.Configuration(atomic_numbers=atoms.numbers, positions=atoms.positions, cell=np.array(atoms.cell),
-                                pbc=tuple(atoms.pbc), properties={}, property_weights={})
-    item = data.AtomicData.from_config(config, z_table=table, cutoff=4.0)
-    batch = next(iter(torch_geometric.dataloader.DataLoader([item], batch_size=1))).to_dict()
+    table = AtomicNumberTable([int(z) for z in model.atomic_numbers])
+    batch = mace_batch([read(workdir / "test.xyz", 0)], table, cutoff=4.0)
     assert not any(type(m).__module__.startswith("equirelax") for m in model.modules())
     return mace_equivariance_error(model, batch, n_rotations=3)
 

@@ -12,7 +12,6 @@ a file to fine-tune with ``--foundation_model``, like any potential a user has.
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +63,7 @@ def main(argv=None):
         write_emt_dataset(args.out, args.n, seed=args.seed, field=args.field if args.kind == "emt-field" else None)
         print(f"wrote {args.n} configurations to {args.out}")
     else:
-        if shutil.which("mace_run_train") is None and not _has_mace():
+        if not _has_mace():
             sys.exit("equirelax: pretrain --host mace needs mace-torch: pip install 'equirelax[mace]'")
         path = pretrain_mace(args.out, args.n, args.epochs, args.seed)
         print(f"pretrained MACE saved to {path}")

@@ -63,11 +63,16 @@ def validate_relax_config(section) -> dict:
 
 
 def split_relax_config(argv: list[str]):
-    """Take the relax settings out of the MACE arguments: ``(relax_config or None, argv for MACE)``."""
+    """Take the relax settings out of the MACE arguments.
+
+    Returns ``(relax_config or None, argv for MACE, temporary config file or None)``; the caller
+    removes the temporary file (the YAML without its ``relax`` section) once MACE has run.
+    """
     import yaml
 
     argv = list(argv)
     section = None
+    stripped_path = None
     for i, arg in enumerate(argv):
         if arg.startswith("--relax="):
             section = json.loads(arg.split("=", 1)[1])
@@ -89,12 +94,13 @@ def split_relax_config(argv: list[str]):
                 stripped = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, prefix="mace-config-")
                 yaml.safe_dump(content, stripped)
                 stripped.close()
+                stripped_path = stripped.name
                 if "=" in arg:
                     argv[i] = f"--config={stripped.name}"
                 else:
                     argv[i + 1] = stripped.name
             break
-    return (None if section is None else validate_relax_config(section)), argv
+    return (None if section is None else validate_relax_config(section)), argv, stripped_path
 
 
 class MaceSession:
@@ -125,7 +131,6 @@ class MaceSession:
                 model, c["controller"], targets=c.get("targets"), branch=c["branch"], init=c["init"],
                 adapter="mace", **extra, **options,
             )
-            self.max_epochs = args.max_num_epochs
             logging.info(f"equirelax: relaxed {sorted(self.handle.layers)} with controller {c['controller']!r}")
             with contextlib.suppress(StopIteration, TypeError):
                 self.probe_batch = next(iter(train_loader))
@@ -250,11 +255,19 @@ class MaceSession:
 def main(argv=None) -> None:
     """``equirelax-mace-train``: ``mace_run_train`` plus the ``relax`` settings."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    stripped_path = None
     try:
-        config, mace_argv = split_relax_config(argv)
+        config, mace_argv, stripped_path = split_relax_config(argv)
     except (RelaxConfigError, ValueError, TypeError) as error:
         sys.exit(str(error))
+    try:
+        _run(config, mace_argv)
+    finally:
+        if stripped_path is not None:
+            os.unlink(stripped_path)
 
+
+def _run(config, mace_argv) -> None:
     import mace  # noqa: F401
     from mace import tools
     from mace.cli import run_train

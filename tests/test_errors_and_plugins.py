@@ -1,7 +1,5 @@
 """Bad input gets a clear error; controllers and other plugins plug in through pluggy and entry points."""
 
-import warnings
-
 import pytest
 import torch
 

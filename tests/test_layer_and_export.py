@@ -1,8 +1,5 @@
 """Relaxed layers leave the host untouched at γ = 0; export returns the host's own, exactly equivariant model."""
 
-import copy
-import warnings
-
 import pytest
 import torch
 from hypothesis import given, settings

@@ -9,7 +9,7 @@ import torch
 mace = pytest.importorskip("mace")
 
 import equirelax  # noqa: E402
-from equirelax.adapters.mace import DEFAULT_TARGETS, mace_equivariance_error  # noqa: E402
+from equirelax.adapters.mace import DEFAULT_TARGETS, mace_batch, mace_equivariance_error  # noqa: E402
 from equirelax.plugins.data import emt_configurations  # noqa: E402
 
 
@@ -31,18 +31,7 @@ def tiny_mace():
 
 
 def batch_of(table, n=3, seed=0, field=None):
-    from mace import data
-    from mace.tools import torch_geometric
-
-    items = []
-    for atoms in emt_configurations(n, seed=seed, field=field):
-        config = data.Configuration(
-            atomic_numbers=atoms.numbers, positions=atoms.positions, cell=np.array(atoms.cell), pbc=tuple(atoms.pbc),
-            properties={"energy": atoms.info["REF_energy"], "forces": atoms.arrays["REF_forces"]},
-            property_weights={"energy": 1.0, "forces": 1.0},
-        )
-        items.append(data.AtomicData.from_config(config, z_table=table, cutoff=4.0))
-    return next(iter(torch_geometric.dataloader.DataLoader(items, batch_size=n))).to_dict()
+    return mace_batch(emt_configurations(n, seed=seed, field=field), table, cutoff=4.0)
 
 
 def predict(model, batch):

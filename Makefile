@@ -41,6 +41,8 @@ demo: $(NEQUIP_ENV)/.installed
 benchmark: $(NEQUIP_ENV)/.installed
 	$(NEQUIP_ENV)/bin/python benchmarks/e3nn_synthetic.py speed
 	$(NEQUIP_ENV)/bin/python benchmarks/e3nn_synthetic.py accuracy
+	$(NEQUIP_ENV)/bin/python benchmarks/nequip_speed.py
+	$(NEQUIP_ENV)/bin/python benchmarks/nequip_finetune.py
 
 clean:
 	rm -rf $(MACE_ENV) $(NEQUIP_ENV) *.egg-info

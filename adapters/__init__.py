@@ -11,6 +11,7 @@ ENTRY_POINT_GROUP = "equirelax.adapters"
 # Most specific first: a host adapter wins over the generic e3nn one when both match.
 BUILTIN = {
     "mace": "equirelax.adapters.mace:MaceAdapter",
+    "nequip": "equirelax.adapters.nequip:NequipAdapter",
     "e3nn": "equirelax.adapters.e3nn:E3nnAdapter",
 }
 _instances: dict = {}

@@ -40,8 +40,12 @@ class E3nnAdapter(Adapter):
         }
         return {n: m for n, m in self.candidates(model).items() if n not in inside_activation}
 
+    @staticmethod
+    def is_linear(module) -> bool:
+        return isinstance(module, o3.Linear)
+
     def spec(self, module):
-        if isinstance(module, o3.Linear):
+        if self.is_linear(module):
             # o3.Linear(features, weight=None, bias=None)
             return LayerSpec(
                 arg_irreps=(module.irreps_in, None, None),
@@ -83,7 +87,7 @@ class E3nnAdapter(Adapter):
     def merge(self, layer, weight):
         """Add the equivariant dense map ``weight`` (already scaled by γ) to ``o3.Linear`` weights."""
         linear = layer.base
-        if not isinstance(linear, o3.Linear) or not layer.mergeable:
+        if not self.is_linear(linear) or not layer.mergeable:
             raise TypeError("equirelax: only o3.Linear layers with internal shared weights can be merged")
         irreps_in, irreps_out = as_irreps(linear.irreps_in), as_irreps(linear.irreps_out)
         projector = HaarProjector(irreps_in, irreps_out, "O3")

@@ -97,7 +97,45 @@ class RelaxHandle:
         for layer in layers.values():
             layer.add_state("epoch", torch.zeros((), dtype=torch.long))
             layer.add_state("nonfinite", torch.zeros((), dtype=torch.long))
+            layer.relax_config = {**config, "controller": controller.name, "options": dict(controller.options)}
+            layer._handle = self
         self.hook.equirelax_model_patched(handle=self, layers=layers)
+
+    @classmethod
+    def attach(cls, model: nn.Module) -> "RelaxHandle":
+        """The handle driving ``model``'s relaxed layers, rebuilt from the layers when the model was
+        copied, unpickled or rebuilt from a checkpoint (controller state comes from their buffers)."""
+        from ..adapters import get_adapter
+
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, RelaxedLayer)}
+        if not layers:
+            raise ValueError("equirelax: the model has no relaxed layer (relax it with equirelax.relax first)")
+        handles = {id(getattr(layer, "_handle", None)): getattr(layer, "_handle", None) for layer in layers.values()}
+        if len(handles) == 1:
+            handle = next(iter(handles.values()))
+            if handle is not None and handle.model is model and set(handle.layers) == set(layers):
+                return handle
+        configs = [getattr(layer, "relax_config", None) for layer in layers.values()]
+        if any(c is None for c in configs) or any(c != configs[0] for c in configs):
+            raise ValueError(
+                "equirelax: the relaxed layers of this model come from different relax() calls; "
+                "attach a handle to each relaxed sub-model separately"
+            )
+        config = dict(configs[0])
+        controller = get_controller(config.pop("controller"), **config.pop("options"))
+        saved = {name: {k: b.detach().clone() for k, b in layer.named_buffers(recurse=False)}
+                 for name, layer in layers.items()}
+        saved_gamma = {name: layer.gamma.detach().clone() for name, layer in layers.items()}
+        first = next(iter(layers.values()))
+        handle = cls(model, layers, controller, get_adapter(first.adapter), config)
+        with torch.no_grad():  # setup() reset the controller buffers: put the trained state back
+            for name, layer in layers.items():
+                layer.gamma.copy_(saved_gamma[name])
+                for key, value in saved[name].items():
+                    if key in layer._buffers:
+                        layer._buffers[key] = value
+        handle.resync()
+        return handle
 
     # ---------------------------------------------------------------- reading
     def levels(self) -> dict:

@@ -64,6 +64,8 @@ class RelaxedLayer(nn.Module):
         self.probes: list[torch.Tensor] = []
         self._positions: torch.Tensor | None = None
         self._projector: HaarProjector | None = None
+        self._handle = None  # the RelaxHandle driving this layer (not saved with the model)
+        self.relax_config: dict | None = None
 
     # ----------------------------------------------------------------- helpers
     def __getattr__(self, name):
@@ -170,7 +172,7 @@ class RelaxedLayer(nn.Module):
     def __getstate__(self):
         # per-step caches and device-side index copies are not part of a saved model
         state = self.__dict__.copy()
-        state.update(cached_inputs=[], probes=[], _positions=None, _projector=None)
+        state.update(cached_inputs=[], probes=[], _positions=None, _projector=None, _handle=None)
         return state
 
     def clear_step_cache(self):

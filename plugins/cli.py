@@ -2,11 +2,15 @@
 
     equirelax data emt OUT.xyz [--n 100] [--seed 0]
     equirelax data emt-field OUT.xyz [--n 100] [--seed 0] [--field 0 0 0.3]
-    equirelax pretrain --host mace --out DIR [--n 80] [--epochs 40] [--seed 3]
+    equirelax pretrain --host mace|nequip --out DIR [--n 80] [--epochs 40] [--seed 3]
+    equirelax export --host nequip RELAXED.ckpt OUT.ckpt [--mode merge|drop]
 
-``pretrain`` generates the symmetric EMT set in DIR, trains a small MACE on it
-with MACE's own training (no relaxation) and saves ``DIR/pretrained.model``:
-a file to fine-tune with ``--foundation_model``, like any potential a user has.
+``pretrain`` generates the symmetric EMT set in DIR, trains a small potential on
+it with the host's own training (no relaxation) and saves it: MACE as
+``DIR/pretrained.model`` (fine-tune with ``--foundation_model``), NequIP as
+``DIR/pretrained.ckpt`` (fine-tune with ``nequip.model.ModelFromCheckpoint``).
+``export`` turns a relaxed NequIP checkpoint into a plain one for
+``nequip-package`` (MACE runs write their exported model themselves).
 """
 
 from __future__ import annotations
@@ -39,6 +43,25 @@ def pretrain_mace(out: Path, n: int, epochs: int, seed: int) -> Path:
     return out / "pretrained.model"
 
 
+def pretrain_nequip(out: Path, n: int, epochs: int, seed: int) -> Path:
+    import os
+    import shutil
+
+    from .nequip_config import training_config, write_config
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_emt_dataset(out / "sym.xyz", n, seed=seed)
+    config = training_config(str((out / "sym.xyz").resolve()), epochs=epochs, seed=seed, logger_dir=None)
+    write_config(out, "pretrain", config)
+    train = os.path.join(os.path.dirname(sys.executable), "nequip-train")
+    result = subprocess.run([train, "-cp", str(out.resolve()), "-cn", "pretrain",
+                             f"hydra.run.dir={(out / 'pretrain_run').resolve()}"], cwd=out)
+    if result.returncode:
+        sys.exit(f"equirelax: NequIP pretraining failed (exit {result.returncode}); see {out / 'pretrain_run'}")
+    shutil.copy(out / "pretrain_run" / "best.ckpt", out / "pretrained.ckpt")
+    return out / "pretrained.ckpt"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="equirelax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,28 +74,48 @@ def main(argv=None):
     data.add_argument("--field", type=float, nargs=3, default=[0.0, 0.0, 0.3], metavar=("FX", "FY", "FZ"),
                       help="uniform field in eV/Å per unit charge (emt-field only)")
     pre = sub.add_parser("pretrain", help="train and save a small pretrained potential on symmetric EMT data")
-    pre.add_argument("--host", choices=["mace"], default="mace")
+    pre.add_argument("--host", choices=["mace", "nequip"], default="mace")
     pre.add_argument("--out", type=Path, required=True)
     pre.add_argument("--n", type=int, default=80)
     pre.add_argument("--epochs", type=int, default=40)
     pre.add_argument("--seed", type=int, default=3)
+    exp = sub.add_parser("export", help="write a plain host checkpoint from a relaxed one (branches merged/dropped)")
+    exp.add_argument("--host", choices=["nequip"], default="nequip")
+    exp.add_argument("checkpoint", type=Path)
+    exp.add_argument("out", type=Path)
+    exp.add_argument("--mode", choices=["merge", "drop"], default="merge")
     args = parser.parse_args(argv)
     if args.command == "data":
         if args.n < 1:
             parser.error("--n must be a positive number of configurations")
         write_emt_dataset(args.out, args.n, seed=args.seed, field=args.field if args.kind == "emt-field" else None)
         print(f"wrote {args.n} configurations to {args.out}")
+    elif args.command == "export":
+        if not _has("nequip"):
+            sys.exit("equirelax: export --host nequip needs nequip: pip install 'equirelax[nequip]'")
+        if not args.checkpoint.is_file():
+            sys.exit(f"equirelax: no checkpoint at {args.checkpoint}")
+        from .nequip import export_checkpoint
+
+        try:
+            export_checkpoint(args.checkpoint, args.out, args.mode)
+        except ValueError as error:
+            sys.exit(str(error))
+        print(f"wrote plain NequIP checkpoint ({args.mode}) to {args.out}; package it with "
+              f"nequip-package build {args.out} model.nequip.zip")
     else:
-        if not _has_mace():
-            sys.exit("equirelax: pretrain --host mace needs mace-torch: pip install 'equirelax[mace]'")
-        path = pretrain_mace(args.out, args.n, args.epochs, args.seed)
-        print(f"pretrained MACE saved to {path}")
+        package = {"mace": "mace", "nequip": "nequip"}[args.host]
+        if not _has(package):
+            sys.exit(f"equirelax: pretrain --host {args.host} needs {package}: pip install 'equirelax[{args.host}]'")
+        pretrain = pretrain_mace if args.host == "mace" else pretrain_nequip
+        path = pretrain(args.out, args.n, args.epochs, args.seed)
+        print(f"pretrained {args.host} potential saved to {path}")
 
 
-def _has_mace() -> bool:
+def _has(package: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("mace") is not None
+    return importlib.util.find_spec(package) is not None
 
 
 if __name__ == "__main__":

@@ -225,3 +225,38 @@ def test_closed_form_lie_derivative_equals_the_rowwise_one(kind):
     ga = GeneratorAction(irreps_in)
     W = torch.randn(6, 10)
     assert torch.allclose(ga.right(W), W @ so3_generators(irreps_in), atol=1e-12)
+
+
+@pytest.mark.parametrize("controller,options", [("ace-resilient", {}), ("recm", {"probe_every": 3}),
+                                                ("cr", {"epochs": 6})])
+def test_attach_rebuilds_the_handle_of_a_copied_model_with_its_state(controller, options, train_loop):
+    """A model deep-copied or unpickled (as host trainers do) gets a handle back from its own layers."""
+    import io
+
+    x, y = make_task("field", 256)
+    torch.manual_seed(0)
+    model = gated_e3nn_model()
+    handle = equirelax.relax(model, controller, init="random", **options)
+    train_loop(model, handle, x, y, steps=15, epoch_every=5, seed=1)
+    assert equirelax.RelaxHandle.attach(model) is handle  # the live handle, not a second one
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(model), torch.load(buffer, weights_only=False)]
+    rebuilt = [equirelax.RelaxHandle.attach(c) for c in copies]
+    for other in rebuilt:
+        assert other is not handle and other.controller.name == handle.controller.name
+        assert other.controller.options == handle.controller.options
+        assert other.levels() == handle.levels() and other.epoch == handle.epoch == 3
+        for name, entry in handle.state_dict()["layer_state"].items():
+            for key, value in entry.items():
+                assert torch.equal(other.state_dict()["layer_state"][name][key], value), (name, key)
+    # each rebuilt handle drives its copy exactly as the original handle drives the original
+    reference = train_loop(model, handle, x, y, steps=12, epoch_every=5, seed=2,
+                           optimizer=torch.optim.SGD(model.parameters(), 1e-2))
+    for copied, other in zip(copies, rebuilt):
+        losses = train_loop(copied, other, x, y, steps=12, epoch_every=5, seed=2,
+                            optimizer=torch.optim.SGD(copied.parameters(), 1e-2))
+        assert losses == reference
+        assert other.levels() == handle.levels()

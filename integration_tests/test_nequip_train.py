@@ -1,0 +1,266 @@
+"""``nequip-train`` with the equirelax entries in its Hydra config, on generated EMT data.
+
+Every run is NequIP's own CLI in a subprocess; checkpoints and the CSV log
+are read back and checked by value.
+"""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("nequip")
+
+import torch  # noqa: E402
+
+from equirelax.plugins.data import write_emt_dataset  # noqa: E402
+from equirelax.plugins.nequip_config import training_config, write_config  # noqa: E402
+
+CONTROLLERS = ["fixed", "cr", "ace", "ace-resilient", "recm"]
+TYPE_NAMES = ["Al", "Cu"]
+SMALL_MODEL = {"num_features": 8, "num_layers": 2}
+EPOCHS = 2
+
+
+def nequip_train(directory: Path, name: str, config: dict, *overrides) -> Path:
+    write_config(directory, name, config)
+    out = directory / f"out_{name}"
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "nequip-train"), "-cp", str(directory), "-cn", name,
+         f"hydra.run.dir={out}", *overrides],
+        cwd=directory, capture_output=True, text=True, env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return out
+
+
+def small_config(data: Path, **kwargs) -> dict:
+    from equirelax.plugins.nequip_config import model_config
+
+    kwargs.setdefault("epochs", EPOCHS)
+    return training_config(str(data / "train.xyz"), str(data / "test.xyz"), model=model_config(**SMALL_MODEL),
+                           **kwargs)
+
+
+def logged(out: Path) -> list[dict]:
+    with open(out / "csv" / "version_0" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows, key) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+def load(path):
+    from nequip.model import ModelFromCheckpoint
+    from nequip.utils.global_state import global_state_initialized, set_global_state
+
+    if not global_state_initialized():
+        set_global_state()
+    return ModelFromCheckpoint(str(path))["sole_model"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("nequip_data")
+    write_emt_dataset(directory / "train.xyz", 30, seed=0, field=[0.0, 0.0, 0.3])
+    write_emt_dataset(directory / "test.xyz", 6, seed=1, field=[0.0, 0.0, 0.3])
+    write_emt_dataset(directory / "sym.xyz", 30, seed=2)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def test_batch(data):
+    from ase.io import read
+
+    from equirelax.adapters.nequip import nequip_batch
+
+    return nequip_batch(read(data / "test.xyz", ":"), TYPE_NAMES, 4.5)
+
+
+@pytest.fixture(scope="module")
+def runs(data):
+    outs = {}
+    for controller in CONTROLLERS:
+        options = {"gamma": 0.5} if controller == "fixed" else {}
+        config = small_config(data, relax={"controller": controller, "options": options, "init": "random"},
+                              ema=controller == "recm")
+        outs[controller] = nequip_train(data, controller.replace("-", "_"), config)
+    return outs
+
+
+@pytest.mark.parametrize("controller", CONTROLLERS)
+def test_each_controller_trains_logs_and_exports_an_equivariant_model(runs, test_batch, controller):
+    from equirelax.adapters.nequip import nequip_equivariance_error
+
+    out = runs[controller]
+    rows = logged(out)
+    gamma_keys = [k for k in rows[0] if k.startswith("equirelax/gamma/")]
+    assert len(gamma_keys) == 4, gamma_keys  # linear_1 and linear_2 of both interaction layers
+    for key in gamma_keys:
+        values = column(rows, key)
+        assert len(values) == EPOCHS and all(math.isfinite(v) for v in values)
+    gammas = column(rows, gamma_keys[0])
+    if controller == "fixed":
+        assert gammas == [0.5, 0.5]
+    if controller == "cr":
+        assert gammas == [1.0, 0.0]  # triangular over the trainer's 2 epochs: θ(1) = 1, θ(2) = 0
+    if controller.startswith("ace"):
+        lambdas = [k for k in rows[0] if k.startswith("equirelax/ace/lambda/")]
+        assert len(lambdas) == 4 and all(math.isfinite(v) for k in lambdas for v in column(rows, k))
+    assert column(rows, "equirelax/equivariance_error/forces")
+
+    exported = load(out / "exported.ckpt")
+    assert not [type(m) for m in exported.modules() if type(m).__module__.startswith("equirelax")]
+    error = nequip_equivariance_error(exported, dict(test_batch), n_rotations=2,
+                                      generator=torch.Generator().manual_seed(0))
+    assert error["forces"]["max"] < 1e-10 and error["energy"]["max"] < 1e-10, error
+
+
+def test_export_equals_the_projected_relaxed_model(runs, test_batch):
+    from equirelax import RelaxHandle
+
+    out = runs["fixed"]  # γ = 0.5 with a random branch: the merge has something to fold in
+    relaxed = load(out / "best.ckpt")
+    handle = RelaxHandle.attach(relaxed)
+    assert handle.levels() and all(g == 0.5 for g in handle.levels().values())
+    exported = load(out / "exported.ckpt")
+    with handle.projected():
+        expected = relaxed(dict(test_batch))
+    got = exported(dict(test_batch))
+    relaxed_out = relaxed(dict(test_batch))
+    assert torch.allclose(got["total_energy"], expected["total_energy"], rtol=0, atol=1e-9)
+    assert torch.allclose(got["forces"], expected["forces"], rtol=0, atol=1e-9)
+    # and the branch's non-equivariant part did change the relaxed model's predictions
+    assert (relaxed_out["forces"] - expected["forces"]).abs().max() > 1e-6
+
+
+def test_exported_package_runs_in_nequip_ase_calculator_without_equirelax(runs, data, tmp_path):
+    out = runs["recm"]  # EMA run: the package holds the EMA weights
+    package = tmp_path / "model.nequip.zip"
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "nequip-package"), "build",
+                             str(out / "exported.ckpt"), str(package)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["equirelax"] = None  # the exported model must not need equirelax
+        import numpy as np
+        from ase.io import read
+        from scipy.spatial.transform import Rotation
+        from nequip.integrations.ase import NequIPCalculator
+        calc = NequIPCalculator._from_saved_model({str(package)!r})
+        atoms = read({str(data / "test.xyz")!r}, 0)
+        atoms.calc = calc
+        e, f = atoms.get_potential_energy(), atoms.get_forces()
+        R = Rotation.random(random_state=0).as_matrix()
+        rotated = atoms.copy(); rotated.positions = atoms.positions @ R.T; rotated.calc = calc
+        print(e, abs(rotated.get_potential_energy() - e), np.abs(rotated.get_forces() - f @ R.T).max())
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    energy, energy_error, force_error = map(float, result.stdout.split())
+    assert math.isfinite(energy) and energy_error < 1e-9 and force_error < 1e-9
+
+    from ase.io import read
+
+    from equirelax.adapters.nequip import nequip_batch
+
+    exported = load(out / "exported.ckpt")
+    expected = exported(nequip_batch([read(data / "test.xyz", 0)], TYPE_NAMES, 4.5))["total_energy"]
+    assert abs(float(expected.detach()) - energy) < 1e-9
+
+
+def test_relaxed_checkpoint_is_refused_by_nequip_package_with_the_export_command(runs, tmp_path):
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "nequip-package"), "build",
+                             str(runs["ace"] / "best.ckpt"), str(tmp_path / "x.nequip.zip")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "equirelax export --host nequip" in result.stderr
+
+
+def test_gamma_zero_trains_bit_for_bit_like_plain_nequip(data):
+    plain = nequip_train(data, "plain", small_config(data))
+    relaxed = nequip_train(data, "gamma0", small_config(
+        data, relax={"controller": "fixed", "options": {"gamma": 0.0}, "init": "random"}))
+    plain_state = torch.load(plain / "last.ckpt", weights_only=False)["state_dict"]
+    relaxed_state = torch.load(relaxed / "last.ckpt", weights_only=False)["state_dict"]
+    mapped = {k.replace(".base.", "."): v for k, v in relaxed_state.items()
+              if ".branch." not in k and not k.endswith(".gamma") and ".ctrl_" not in k}
+    model_keys = [k for k in plain_state if k.startswith("model.")]
+    assert model_keys and set(model_keys) <= set(mapped)
+    changed = [k for k in model_keys if not torch.equal(plain_state[k], mapped[k])]
+    assert not changed, changed
+    # the branches are random and non-zero: γ = 0 is what keeps the run identical
+    branches = [v for k, v in relaxed_state.items() if ".branch." in k]
+    assert branches and all(v.abs().max() > 0 for v in branches)
+
+
+def test_resume_restores_controller_state_exactly(data):
+    config = small_config(data, relax={"controller": "recm", "options": {"probe_every": 2}, "init": "random"},
+                          epochs=4)
+    config["data"]["train_dataloader"]["shuffle"] = False  # same batches in the resumed epochs
+    config["run"] = ["train"]
+    straight = nequip_train(data, "straight", config)
+    config["trainer"]["max_epochs"] = 2
+    first = nequip_train(data, "first_half", config)
+    config["trainer"]["max_epochs"] = 4
+    resumed = nequip_train(data, "resumed", config, f"++ckpt_path={first / 'last.ckpt'}")
+    a = torch.load(straight / "last.ckpt", weights_only=False)
+    b = torch.load(resumed / "last.ckpt", weights_only=False)
+    assert a["epoch"] == b["epoch"]
+    controller_keys = [k for k in a["state_dict"] if ".ctrl_" in k or k.endswith(".gamma")]
+    assert any("ctrl_gap" in k or "ctrl_" in k for k in controller_keys)
+    for key in a["state_dict"]:
+        if key.startswith("model."):
+            torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=1e-9, atol=1e-12,
+                                       msg=key)
+    ga = column(logged(straight), [k for k in logged(straight)[0] if k.startswith("equirelax/gamma/")][0])
+    assert len(set(ga)) > 1  # γ moved, so matching it is a real check
+
+
+def test_finetune_saved_model_starts_from_identical_predictions(data, test_batch):
+    from equirelax.plugins.nequip import RelaxedModel
+
+    pretrained = nequip_train(data, "pretrain", small_config(data, epochs=1)) / "best.ckpt"
+    source = {"_target_": "nequip.model.ModelFromCheckpoint", "checkpoint_path": str(pretrained)}
+    plain = load(pretrained)
+    relaxed = RelaxedModel(source, controller="ace-resilient")["sole_model"]
+    assert any("RelaxedLayer" in type(m).__name__ for m in relaxed.modules())
+    a, b = plain(dict(test_batch)), relaxed(dict(test_batch))
+    assert torch.equal(a["total_energy"], b["total_energy"]) and torch.equal(a["forces"], b["forces"])
+
+    config = small_config(data, epochs=1)
+    config["training_module"]["model"] = {"_target_": "equirelax.plugins.nequip.RelaxedModel",
+                                          "controller": "ace-resilient", "model": source}
+    config["trainer"]["callbacks"].append({"_target_": "equirelax.plugins.nequip.EquirelaxCallback"})
+    out = nequip_train(data, "finetune", config)
+    exported = load(out / "exported.ckpt")
+    assert not any(type(m).__module__.startswith("equirelax") for m in exported.modules())
+
+
+@pytest.mark.parametrize("case,message", [
+    ("callback_without_relaxed_model", "found no relaxed layer"),
+    ("cr_schedule_longer_than_training", "the trainer stops after max_epochs=2"),
+    ("unknown_controller", "unknown controller 'acme'"),
+])
+def test_bad_nequip_configs_fail_with_a_clear_message(data, case, message):
+    config = small_config(data)
+    config["run"] = ["train"]
+    if case == "callback_without_relaxed_model":
+        config["trainer"]["callbacks"].append({"_target_": "equirelax.plugins.nequip.EquirelaxCallback"})
+    elif case == "cr_schedule_longer_than_training":
+        config = small_config(data, relax={"controller": "cr", "options": {"epochs": 5}})
+    else:
+        config = small_config(data, relax={"controller": "acme"})
+    write_config(data, case, config)
+    result = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "nequip-train"), "-cp", str(data), "-cn", case,
+         f"hydra.run.dir={data / ('out_' + case)}"], cwd=data, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout, (result.stderr + result.stdout)[-3000:]

@@ -1,0 +1,367 @@
+"""NequIP integration: relax a NequIP model inside ``nequip-train``, from its own Hydra config.
+
+Two ``_target_`` entries in an existing config turn it on::
+
+    training_module:
+      model:
+        _target_: equirelax.plugins.nequip.RelaxedModel
+        controller: recm              # fixed | cr | ace | ace-resilient | recm | entry-point name
+        options: {}                   # controller options
+        model:                        # the model as it was: NequIPGNNModel, ModelFromCheckpoint, ModelFromPackage ...
+          _target_: nequip.model.NequIPGNNModel
+          ...
+    trainer:
+      callbacks:
+        - _target_: equirelax.plugins.nequip.EquirelaxCallback
+
+``RelaxedModel`` builds the inner model exactly as NequIP would and patches it
+(branches start at zero: step-0 predictions are unchanged). The callback runs
+the controller from Lightning's hooks (after backward, after the optimizer
+step, at epoch end), logs γ per layer, the controller's λ/gap and the
+equivariance error through the config's Lightning logger, stores the relax
+signature in each checkpoint, and at the end writes ``exported.ckpt``: a plain
+NequIP checkpoint (branches merged or dropped) for ``nequip-package``,
+``nequip-compile``, ``ModelFromCheckpoint`` and the ASE calculator, with no
+equirelax needed to load it. ``equirelax export --host nequip IN OUT`` does the
+same for any relaxed checkpoint.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+import warnings
+
+import torch
+
+from ..core.handle import EXPORT_MODES, RelaxHandle, export, relax
+from ..core.layer import RelaxedLayer
+
+TARGET = "equirelax.plugins.nequip.RelaxedModel"
+CHECKPOINT_KEY = "equirelax"
+
+
+def _submodels(model) -> dict:
+    """``{name: GraphModel}``: NequIP keeps one model or a ``ModuleDict`` of them."""
+    if isinstance(model, torch.nn.ModuleDict):
+        return dict(model.items())
+    return {"": model}
+
+
+def _build(config):
+    from hydra.utils import get_method  # NequIP's own builders avoid hydra.instantiate the same way
+
+    if isinstance(config, torch.nn.Module):
+        return config
+    if not isinstance(config, dict) or "_target_" not in config:
+        raise ValueError(
+            "equirelax: RelaxedModel needs the model to relax under 'model', as a NequIP model config with a "
+            f"'_target_' (e.g. nequip.model.NequIPGNNModel or nequip.model.ModelFromCheckpoint), got {config!r}"
+        )
+    config = dict(config)
+    return get_method(config.pop("_target_"))(**config)
+
+
+def _refuse_packaging():
+    try:
+        from nequip.scripts._workflow_utils import get_workflow_state
+    except ImportError:  # pragma: no cover - other nequip versions
+        return
+    if get_workflow_state() == "package":
+        raise RuntimeError(
+            "equirelax: this checkpoint holds a relaxed model; export it to a plain NequIP checkpoint first "
+            "(`equirelax export --host nequip RELAXED.ckpt exported.ckpt`, or the exported.ckpt the "
+            "EquirelaxCallback writes), then run nequip-package on that"
+        )
+
+
+def RelaxedModel(
+    model,
+    controller: str = "recm",
+    targets=None,
+    branch: str = "linear",
+    rank: int | None = None,
+    init: str = "zero",
+    init_std: float = 1e-2,
+    group: str = "O3",
+    on_nonfinite: str = "warn",
+    options: dict | None = None,
+    seed: int | None = None,
+    **model_kwargs,
+):
+    """NequIP model builder: the model built from ``model`` (a config with ``_target_``), relaxed.
+
+    Takes the keyword arguments of :func:`equirelax.relax`; ``options`` are the
+    controller's. CR's ``epochs`` defaults to the trainer's ``max_epochs``.
+    Random branch initialisation is seeded by ``seed`` (default: the inner
+    model's ``seed``), so every rank of a distributed run builds the same model.
+    Other keyword arguments (those NequIP's tools set on a model builder, e.g.
+    ``model_dtype``, ``compile_mode``) go to the inner model.
+    """
+    _refuse_packaging()
+    if model_kwargs:
+        if not isinstance(model, dict):
+            raise TypeError(f"equirelax: RelaxedModel got unknown argument(s) {sorted(model_kwargs)}")
+        model = {**model, **model_kwargs}
+    options = dict(options or {})
+    epochs_from_trainer = controller == "cr" and options.get("schedule", "triangular") != "constant" \
+        and "epochs" not in options
+    if epochs_from_trainer:
+        options["epochs"] = 1  # set from trainer.max_epochs by EquirelaxCallback
+    built = _build(model)
+    if seed is None:
+        seed = model.get("seed", 0) if isinstance(model, dict) else 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        for name, graph_model in _submodels(built).items():
+            handle = relax(graph_model, controller, targets, branch, adapter="nequip", init=init, init_std=init_std,
+                           group=group, on_nonfinite=on_nonfinite, rank=rank, **options)
+            handle.config["epochs_from_trainer"] = epochs_from_trainer
+            for layer in handle.layers.values():
+                layer.relax_config["epochs_from_trainer"] = epochs_from_trainer
+    return built
+
+
+def ExportedModel(model, mode: str = "merge", **model_kwargs):
+    """NequIP model builder: a relaxed model, exported to NequIP's own classes (branches merged or dropped).
+
+    ``model`` is a ``RelaxedModel`` config or a ``ModelFromCheckpoint`` of a
+    relaxed checkpoint; other keyword arguments go to it, as for ``RelaxedModel``.
+    """
+    if model_kwargs:
+        model = {**model, **model_kwargs}
+    built = _build(model)
+    for graph_model in _submodels(built).values():
+        export(graph_model, mode)
+    return built
+
+
+def relaxed_handles(model) -> dict:
+    """``{model name: RelaxHandle}`` for every relaxed sub-model of a NequIP training module's ``model``."""
+    handles = {}
+    for name, graph_model in _submodels(model).items():
+        if any(isinstance(m, RelaxedLayer) for m in graph_model.modules()):
+            handles[name] = RelaxHandle.attach(graph_model)
+    return handles
+
+
+def _set_cr_epochs(handle: RelaxHandle, max_epochs):
+    if not handle.config.get("epochs_from_trainer", False):
+        epochs = handle.controller.options.get("epochs")
+        if handle.controller.name == "cr" and epochs and max_epochs and max_epochs > 0 and epochs > max_epochs:
+            raise ValueError(
+                f"equirelax: the cr schedule runs over {epochs} epochs but the trainer stops after "
+                f"max_epochs={max_epochs}; the schedule would not reach θ = 0"
+            )
+        return
+    if max_epochs is None or max_epochs <= 0:
+        raise ValueError("equirelax: the cr schedule needs a finite trainer.max_epochs, or options.epochs in the "
+                         "RelaxedModel config")
+    handle.controller.options["epochs"] = int(max_epochs)
+    for layer in handle.layers.values():
+        layer.relax_config["options"]["epochs"] = int(max_epochs)
+
+
+def _lightning_callback_base():
+    import lightning
+
+    return lightning.Callback
+
+
+class EquirelaxCallback(_lightning_callback_base()):
+    """Runs the controller of every relaxed model inside NequIP's Lightning training.
+
+    Args:
+        export: ``merge`` (default), ``drop`` or ``none``: the exported plain
+            NequIP checkpoint written when training ends.
+        export_path: where to write it (default ``exported.ckpt`` next to the
+            checkpoints of the first ``ModelCheckpoint`` callback).
+        export_from: ``best`` (the monitored checkpoint NequIP also tests, when
+            there is one) or ``last`` (the weights at the end of training).
+        equivariance_check: log the equivariance error of energy and forces on
+            the first validation batch of each validation run.
+    """
+
+    def __init__(self, export: str = "merge", export_path: str | None = None, export_from: str = "best",
+                 equivariance_check: bool = True):
+        super().__init__()
+        if export not in (*EXPORT_MODES, "none"):
+            raise ValueError(f"equirelax: EquirelaxCallback export must be one of {(*EXPORT_MODES, 'none')}, "
+                             f"got {export!r}")
+        if export_from not in ("best", "last"):
+            raise ValueError(f"equirelax: export_from must be 'best' or 'last', got {export_from!r}")
+        self.export = export
+        self.export_path = export_path
+        self.export_from = export_from
+        self.equivariance_check = equivariance_check
+        self.handles: dict = {}
+        self._hooks = []
+        self._equivariance = None
+        self.exported_path = None
+
+    # ---------------------------------------------------------------- set-up
+    def setup(self, trainer, pl_module, stage):
+        self.handles = relaxed_handles(pl_module.model)
+        if not self.handles and stage == "fit":
+            raise ValueError(
+                "equirelax: EquirelaxCallback found no relaxed layer in the model; put the model config under "
+                f"training_module.model with _target_: {TARGET}"
+            )
+
+    def on_train_start(self, trainer, pl_module):
+        self.handles = relaxed_handles(pl_module.model)
+        for handle in self.handles.values():
+            _set_cr_epochs(handle, trainer.max_epochs)
+            handle.resync()  # a resumed run's γ, λ and statistics came back with the weights
+        for optimizer in trainer.optimizers:
+            self._hooks.append(optimizer.register_step_post_hook(self._after_step))
+
+    def _remove_hooks(self):
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    # --------------------------------------------------------------- per step
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        for handle in self.handles.values():
+            handle.after_backward()
+
+    def _after_step(self, optimizer, args, kwargs):
+        for handle in self.handles.values():
+            handle.after_step()
+
+    # -------------------------------------------------------------- per epoch
+    def on_train_epoch_end(self, trainer, pl_module):
+        for handle in self.handles.values():
+            handle.epoch_end()
+        pl_module.log_dict(self.metrics(), on_step=False, on_epoch=True, sync_dist=False)
+
+    def metrics(self) -> dict:
+        metrics = {}
+        for model_name, handle in self.handles.items():
+            prefix = "equirelax/" + (f"{model_name}/" if len(self.handles) > 1 else "")
+            metrics.update({prefix + key: float(value) for key, value in handle.metrics().items()})
+        return metrics
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not self.equivariance_check or batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking:
+            return
+        from ..adapters.nequip import nequip_equivariance_error
+
+        generator = torch.Generator().manual_seed(trainer.current_epoch)
+        self._equivariance = {}
+        for model_name, graph_model in _submodels(pl_module.model).items():
+            error = nequip_equivariance_error(graph_model, batch, n_rotations=1, generator=generator)
+            prefix = "equirelax/" + (f"{model_name}/" if len(self.handles) > 1 else "")
+            self._equivariance[prefix + "equivariance_error/forces"] = error["forces"]["mean"]
+            self._equivariance[prefix + "equivariance_error/energy"] = error["energy"]["mean"]
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if self._equivariance:
+            pl_module.log_dict(self._equivariance, on_step=False, on_epoch=True, sync_dist=False)
+            self._equivariance = None
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        # γ, λ and every statistic are module buffers, so they are in checkpoint["state_dict"] already;
+        # this copy names the relax configuration, so a mismatching resume says what differs
+        checkpoint[CHECKPOINT_KEY] = {name: handle.state_dict() for name, handle in self.handles.items()}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:
+            return
+        handles = relaxed_handles(pl_module.model)
+        for name, state in saved.items():
+            if name not in handles:
+                raise ValueError(f"equirelax: the checkpoint has a relaxed model {name!r} that this run does not")
+            mine = handles[name].signature()
+            differences = [f"{key}: checkpoint has {state.get(key)!r}, this run has {mine[key]!r}"
+                           for key in mine if state.get(key) != mine[key]]
+            if differences:
+                raise ValueError("equirelax: the checkpoint comes from a different relax configuration; "
+                                 + "; ".join(differences))
+
+    # ----------------------------------------------------------------- export
+    def on_train_end(self, trainer, pl_module):
+        self._remove_hooks()
+        if self.export == "none" or not trainer.is_global_zero:
+            return
+        source = None
+        checkpoint_callback = trainer.checkpoint_callback
+        if self.export_from == "best" and checkpoint_callback is not None and checkpoint_callback.best_model_path:
+            source = checkpoint_callback.best_model_path
+        out = self.export_path
+        if out is None:
+            directory = (os.path.dirname(checkpoint_callback.best_model_path or "") or checkpoint_callback.dirpath
+                         if checkpoint_callback is not None else None) or trainer.default_root_dir
+            out = os.path.join(directory, "exported.ckpt")
+        if source is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                source = os.path.join(tmp, "last.ckpt")
+                trainer.save_checkpoint(source)
+                export_checkpoint(source, out, self.export)
+        else:
+            export_checkpoint(source, out, self.export)
+        self.exported_path = out
+        print(f"equirelax: exported plain NequIP checkpoint ({self.export}) to {out}")
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._remove_hooks()
+
+
+def _plain_training_module_kwargs() -> set:
+    from nequip.train import NequIPLightningModule
+
+    return set(inspect.signature(NequIPLightningModule.__init__).parameters) - {"self"}
+
+
+def export_checkpoint(checkpoint_path, out_path, mode: str = "merge"):
+    """Write a plain NequIP checkpoint from a relaxed one: branches merged (``merge``) or dropped (``drop``).
+
+    The evaluation weights (EMA weights when the run used EMA) are exported; the
+    result is a ``NequIPLightningModule`` checkpoint whose model config is the
+    inner model config, which ``nequip-package``, ``ModelFromCheckpoint`` and
+    NequIP's calculators load without equirelax.
+    """
+    from nequip.model import ModelFromCheckpoint
+    from nequip.utils.global_state import global_state_initialized, set_global_state
+
+    if mode not in EXPORT_MODES:
+        raise ValueError(f"equirelax: unknown export mode {mode!r}; choose one of {EXPORT_MODES}")
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    hparams = checkpoint.get("hyper_parameters", {})
+    model_config = hparams.get("model", {})
+    if not isinstance(model_config, dict) or model_config.get("_target_") != TARGET:
+        raise ValueError(f"equirelax: {checkpoint_path} is not a relaxed NequIP checkpoint (its model _target_ is "
+                         f"{model_config.get('_target_') if isinstance(model_config, dict) else model_config!r})")
+    if not global_state_initialized():
+        set_global_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        models = ModelFromCheckpoint(str(checkpoint_path))
+    for graph_model in _submodels(models).values():
+        export(graph_model, mode)
+
+    inner = model_config["model"]
+    allowed = _plain_training_module_kwargs()
+    new_hparams = {k: v for k, v in hparams.items() if k in allowed}
+    new_hparams["model"] = inner
+    info = dict(hparams.get("info_dict", {}))
+    training_module = {k: v for k, v in dict(info.get("training_module", {})).items() if k in allowed}
+    training_module.update(_target_="nequip.train.NequIPLightningModule", model=inner)
+    info["training_module"] = training_module
+    new_hparams["info_dict"] = info
+
+    model_state = {f"model.{key}": value for key, value in models.state_dict().items()}
+    kept = {key: value for key, value in checkpoint["state_dict"].items()
+            if not key.startswith(("model.", "ema."))}
+    exported = {
+        key: checkpoint[key] for key in ("epoch", "global_step", "pytorch-lightning_version", "hparams_name") if key in checkpoint
+    }
+    exported.update(hyper_parameters=new_hparams, state_dict={**kept, **model_state},
+                    equirelax_export={"mode": mode, "source": str(checkpoint_path)})
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    torch.save(exported, out_path)
+    return out_path

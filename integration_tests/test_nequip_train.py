@@ -264,3 +264,54 @@ def test_bad_nequip_configs_fail_with_a_clear_message(data, case, message):
          f"hydra.run.dir={data / ('out_' + case)}"], cwd=data, capture_output=True, text=True)
     assert result.returncode != 0
     assert message in result.stderr + result.stdout, (result.stderr + result.stdout)[-3000:]
+
+
+@pytest.fixture(scope="module")
+def plain_package(runs, data, tmp_path_factory):
+    """A packaged plain NequIP model (package-local e3nn/NequIP classes), from an exported checkpoint."""
+    package = tmp_path_factory.mktemp("package") / "plain.nequip.zip"
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "nequip-package"), "build",
+                             str(runs["fixed"] / "exported.ckpt"), str(package)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return package
+
+
+def test_relax_a_packaged_model_and_merge_back(plain_package, test_batch):
+    from nequip.model import ModelFromPackage
+
+    from equirelax import RelaxHandle
+    from equirelax.adapters.nequip import nequip_equivariance_error
+    from equirelax.plugins.nequip import ExportedModel, RelaxedModel
+
+    source = {"_target_": "nequip.model.ModelFromPackage", "package_path": str(plain_package)}
+    plain = ModelFromPackage(str(plain_package))["sole_model"]
+    relaxed = RelaxedModel(source, controller="fixed", options={"gamma": 0.5})["sole_model"]
+    handle = RelaxHandle.attach(relaxed)
+    assert len(handle.layers) == 4  # package-local e3nn Linear layers are recognised
+    a, b = plain(dict(test_batch)), relaxed(dict(test_batch))
+    assert torch.equal(a["forces"], b["forces"])  # zero-initialised branches: identical at step 0
+    with torch.no_grad():
+        for layer in handle.layers.values():
+            layer.branch.weight.normal_(0.0, 0.2)
+    with handle.projected():
+        expected = relaxed(dict(test_batch))["forces"]
+    from equirelax import export
+
+    merged = export(relaxed)
+    assert not any(type(m).__module__.startswith("equirelax") for m in merged.modules())
+    torch.testing.assert_close(merged(dict(test_batch))["forces"], expected, rtol=0, atol=1e-9)
+    error = nequip_equivariance_error(merged, dict(test_batch), n_rotations=2)
+    assert error["forces"]["max"] < 1e-10
+    built = ExportedModel({"_target_": "equirelax.plugins.nequip.RelaxedModel", "controller": "ace",
+                           "model": source})["sole_model"]
+    assert torch.equal(built(dict(test_batch))["forces"], a["forces"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nequip-compile (AOTInductor) is a GPU-machine check")
+def test_exported_package_compiles_with_nequip_compile(plain_package, tmp_path):
+    out = tmp_path / "model.nequip.pt2"
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "nequip-compile"), str(plain_package),
+                             str(out), "--mode", "aotinductor", "--device", "cuda", "--target", "ase"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.is_file() and out.stat().st_size > 0

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import numpy as np
 import torch
 
 import mace  # noqa: F401
 import equirelax
+from _timing import print_table, time_variants  # benchmarks/ is on sys.path when run as a script
 
 CONTROLLERS = [("vanilla", None, {}), ("fixed", "fixed", {}), ("cr", "cr", {"epochs": 10}), ("ace", "ace", {}),
                ("ace-resilient", "ace-resilient", {}), ("recm", "recm", {})]
@@ -49,36 +48,6 @@ def make_batch(table, n=8):
     return mace_batch(emt_configurations(n, seed=0, field=[0.0, 0.0, 0.3]), table, cutoff=4.5)
 
 
-def train_time(model, handle, batch, steps):
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    if handle:
-        handle.wrap(opt)
-
-    def step():
-        opt.zero_grad()
-        out = model(batch, training=True, compute_force=True)
-        loss = ((out["energy"] - batch["energy"]) ** 2).mean() + ((out["forces"] - batch["forces"]) ** 2).mean()
-        loss.backward()
-        opt.step()
-
-    for _ in range(2):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
-
-
-def inference_time(model, batch, steps):
-    model.eval()
-    for _ in range(2):
-        model(batch, training=False, compute_force=True)
-    start = time.perf_counter()
-    for _ in range(steps):
-        model(batch, training=False, compute_force=True)
-    return (time.perf_counter() - start) / steps
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", default="64x0e + 64x1o")
@@ -97,27 +66,18 @@ def main():
         model = copy.deepcopy(base)
         variants[label] = (model, equirelax.relax(model, controller, branch=args.branch, rank=args.rank, **options)
                            if controller else None)
-    train = {label: [] for label in variants}
-    for _ in range(args.repeats):
-        for label, (model, handle) in variants.items():
-            train[label].append(train_time(model, handle, batch, args.steps))
-    # every variant deep-copied alike (e3nn rebuilds its generated code on copy)
-    exported = {label: equirelax.export(copy.deepcopy(model)) if handle else copy.deepcopy(model)
-                for label, (model, handle) in variants.items()}
-    infer = {label: [] for label in variants}
-    for _ in range(args.repeats):
-        for label, model in exported.items():
-            infer[label].append(inference_time(model, batch, args.steps))
+
+    def loss(model):
+        out = model(batch, training=True, compute_force=True)
+        return ((out["energy"] - batch["energy"]) ** 2).mean() + ((out["forces"] - batch["forces"]) ** 2).mean()
+
+    train, infer = time_variants(variants, loss, lambda model: model(batch, training=False, compute_force=True),
+                                 args.repeats, args.steps)
     n_atoms = batch["positions"].shape[0]
     print(f"# MACE ({args.hidden}, 2 interactions, correlation 3), {args.branch} branch"
           f"{'' if args.rank is None else f' (rank {args.rank})'}, batch of 8 clusters ({n_atoms} atoms), float64, "
           f"{args.threads} threads, median of {args.repeats} repeats of {args.steps} steps, variants interleaved\n")
-    print("| model | train step (ms) | relaxed / vanilla | exported inference (ms) | exported / vanilla |")
-    print("|---|---|---|---|---|")
-    t0, i0 = statistics.median(train["vanilla"]), statistics.median(infer["vanilla"])
-    for label in variants:
-        t, i = statistics.median(train[label]), statistics.median(infer[label])
-        print(f"| {label} | {1000 * t:.1f} | {t / t0:.3f} | {1000 * i:.1f} | {i / i0:.3f} |")
+    print_table(train, infer)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 TRAIN = str(Path(sys.executable).parent / "nequip-train")
 RUNS = [("vanilla", None), ("fixed", {"controller": "fixed"}), ("ace-resilient", {"controller": "ace-resilient"}),

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 
 import equirelax
+from _timing import print_table, time_variants  # benchmarks/ is on sys.path when run as a script
 
 CONTROLLERS = [("vanilla", None, {}), ("fixed", "fixed", {}), ("cr", "cr", {"epochs": 10}), ("ace", "ace", {}),
                ("ace-resilient", "ace-resilient", {}), ("recm", "recm", {})]
@@ -39,38 +38,6 @@ def make_batch(n=8):
     from equirelax.plugins.data import emt_configurations
 
     return nequip_batch(emt_configurations(n, seed=0, field=[0.0, 0.0, 0.3]), TYPE_NAMES, 4.5)
-
-
-def train_time(model, handle, batch, steps):
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    if handle:
-        handle.wrap(opt)
-    model.train()
-
-    def step():
-        opt.zero_grad()
-        out = model(dict(batch))
-        loss = ((out["total_energy"] - batch["total_energy"]) ** 2).mean() \
-            + ((out["forces"] - batch["forces"]) ** 2).mean()
-        loss.backward()
-        opt.step()
-
-    for _ in range(2):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
-
-
-def inference_time(model, batch, steps):
-    model.eval()
-    for _ in range(2):
-        model(dict(batch))
-    start = time.perf_counter()
-    for _ in range(steps):
-        model(dict(batch))
-    return (time.perf_counter() - start) / steps
 
 
 def main():
@@ -95,29 +62,19 @@ def main():
         variants[label] = (model, equirelax.relax(model, controller, branch=args.branch, rank=args.rank,
                                                   adapter="nequip", **options) if controller else None)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    train = {label: [] for label in variants}
-    for _ in range(args.repeats):
-        for label, (model, handle) in variants.items():
-            sync()
-            train[label].append(train_time(model, handle, batch, args.steps))
-            sync()
-    exported = {label: equirelax.export(copy.deepcopy(model)) if handle else copy.deepcopy(model)
-                for label, (model, handle) in variants.items()}
-    infer = {label: [] for label in variants}
-    for _ in range(args.repeats):
-        for label, model in exported.items():
-            infer[label].append(inference_time(model, batch, args.steps))
+
+    def loss(model):
+        out = model(dict(batch))
+        return ((out["total_energy"] - batch["total_energy"]) ** 2).mean() \
+            + ((out["forces"] - batch["forces"]) ** 2).mean()
+
+    train, infer = time_variants(variants, loss, lambda model: model(dict(batch)), args.repeats, args.steps, sync)
     n_atoms = batch["pos"].shape[0]
     print(f"# NequIP ({args.features} features, l_max {args.l_max}, {args.layers} layers), {args.branch} branch"
           f"{'' if args.rank is None else f' (rank {args.rank})'} on every conv linear_1/linear_2, batch of 8 "
           f"clusters ({n_atoms} atoms), {args.dtype}, {args.device}, {args.threads} threads, median of "
           f"{args.repeats} repeats of {args.steps} steps, variants interleaved\n")
-    print("| model | train step (ms) | relaxed / vanilla | exported inference (ms) | exported / vanilla |")
-    print("|---|---|---|---|---|")
-    t0, i0 = statistics.median(train["vanilla"]), statistics.median(infer["vanilla"])
-    for label in variants:
-        t, i = statistics.median(train[label]), statistics.median(infer[label])
-        print(f"| {label} | {1000 * t:.1f} | {t / t0:.3f} | {1000 * i:.1f} | {i / i0:.3f} |")
+    print_table(train, infer)
 
 
 if __name__ == "__main__":

@@ -110,9 +110,9 @@ class RelaxHandle:
         layers = {n: m for n, m in model.named_modules() if isinstance(m, RelaxedLayer)}
         if not layers:
             raise ValueError("equirelax: the model has no relaxed layer (relax it with equirelax.relax first)")
-        handles = {id(getattr(layer, "_handle", None)): getattr(layer, "_handle", None) for layer in layers.values()}
-        if len(handles) == 1:
-            handle = next(iter(handles.values()))
+        live = {getattr(layer, "_handle", None) for layer in layers.values()}
+        if len(live) == 1:
+            (handle,) = live
             if handle is not None and handle.model is model and set(handle.layers) == set(layers):
                 return handle
         configs = [getattr(layer, "relax_config", None) for layer in layers.values()]
@@ -273,6 +273,12 @@ class RelaxHandle:
             "layers": sorted(self.layers),
         }
 
+    def signature_differences(self, state: dict) -> list[str]:
+        """What differs between a saved relax signature (``state_dict()``) and this handle's, one line each."""
+        mine = self.signature()
+        return [f"{key}: checkpoint has {state.get(key)!r}, this model has {mine[key]!r}"
+                for key in mine if state.get(key) != mine[key]]
+
     def state_dict(self) -> dict:
         """γ and all controller state of every layer, plus the relax configuration."""
         layers = {}
@@ -298,12 +304,7 @@ class RelaxHandle:
     def load_state_dict(self, state: dict):
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError("equirelax: not an equirelax controller state (missing or unknown 'format')")
-        mine = self.signature()
-        differences = [
-            f"{key}: checkpoint has {state.get(key)!r}, this model has {mine[key]!r}"
-            for key in mine
-            if state.get(key) != mine[key]
-        ]
+        differences = self.signature_differences(state)
         if differences:
             raise ValueError("equirelax: incompatible controller state; " + "; ".join(differences))
         with torch.no_grad():

@@ -27,17 +27,20 @@ SMALL_MODEL = {"num_features": 8, "num_layers": 2}
 EPOCHS = 2
 
 
-def nequip_train(directory: Path, name: str, config: dict, *overrides) -> Path:
+def run_nequip_train(directory: Path, name: str, config: dict, *overrides) -> subprocess.CompletedProcess:
     write_config(directory, name, config)
-    out = directory / f"out_{name}"
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
+    return subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "nequip-train"), "-cp", str(directory), "-cn", name,
-         f"hydra.run.dir={out}", *overrides],
+         f"hydra.run.dir={directory / f'out_{name}'}", *overrides],
         cwd=directory, capture_output=True, text=True, env=env,
     )
+
+
+def nequip_train(directory: Path, name: str, config: dict, *overrides) -> Path:
+    result = run_nequip_train(directory, name, config, *overrides)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return out
+    return directory / f"out_{name}"
 
 
 def small_config(data: Path, **kwargs) -> dict:
@@ -258,10 +261,7 @@ def test_bad_nequip_configs_fail_with_a_clear_message(data, case, message):
         config = small_config(data, relax={"controller": "cr", "options": {"epochs": 5}})
     else:
         config = small_config(data, relax={"controller": "acme"})
-    write_config(data, case, config)
-    result = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "nequip-train"), "-cp", str(data), "-cn", case,
-         f"hydra.run.dir={data / ('out_' + case)}"], cwd=data, capture_output=True, text=True)
+    result = run_nequip_train(data, case, config)
     assert result.returncode != 0
     assert message in result.stderr + result.stdout, (result.stderr + result.stdout)[-3000:]
 

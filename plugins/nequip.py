@@ -35,6 +35,7 @@ import warnings
 
 import torch
 
+from ..core.controllers import check_schedule_fits
 from ..core.handle import EXPORT_MODES, RelaxHandle, export, relax
 from ..core.layer import RelaxedLayer
 
@@ -148,12 +149,8 @@ def relaxed_handles(model) -> dict:
 
 def _set_cr_epochs(handle: RelaxHandle, max_epochs):
     if not handle.config.get("epochs_from_trainer", False):
-        epochs = handle.controller.options.get("epochs")
-        if handle.controller.name == "cr" and epochs and max_epochs and max_epochs > 0 and epochs > max_epochs:
-            raise ValueError(
-                f"equirelax: the cr schedule runs over {epochs} epochs but the trainer stops after "
-                f"max_epochs={max_epochs}; the schedule would not reach θ = 0"
-            )
+        if handle.controller.name == "cr":
+            check_schedule_fits(handle.controller.options.get("epochs"), max_epochs, "the trainer", "max_epochs")
         return
     if max_epochs is None or max_epochs <= 0:
         raise ValueError("equirelax: the cr schedule needs a finite trainer.max_epochs, or options.epochs in the "
@@ -237,10 +234,13 @@ class EquirelaxCallback(_lightning_callback_base()):
             handle.epoch_end()
         pl_module.log_dict(self.metrics(), on_step=False, on_epoch=True, sync_dist=False)
 
+    def _prefix(self, model_name: str) -> str:
+        return "equirelax/" + (f"{model_name}/" if len(self.handles) > 1 else "")
+
     def metrics(self) -> dict:
         metrics = {}
         for model_name, handle in self.handles.items():
-            prefix = "equirelax/" + (f"{model_name}/" if len(self.handles) > 1 else "")
+            prefix = self._prefix(model_name)
             metrics.update({prefix + key: float(value) for key, value in handle.metrics().items()})
         return metrics
 
@@ -253,7 +253,7 @@ class EquirelaxCallback(_lightning_callback_base()):
         self._equivariance = {}
         for model_name, graph_model in _submodels(pl_module.model).items():
             error = nequip_equivariance_error(graph_model, batch, n_rotations=1, generator=generator)
-            prefix = "equirelax/" + (f"{model_name}/" if len(self.handles) > 1 else "")
+            prefix = self._prefix(model_name)
             self._equivariance[prefix + "equivariance_error/forces"] = error["forces"]["mean"]
             self._equivariance[prefix + "equivariance_error/energy"] = error["energy"]["mean"]
 
@@ -276,9 +276,7 @@ class EquirelaxCallback(_lightning_callback_base()):
         for name, state in saved.items():
             if name not in handles:
                 raise ValueError(f"equirelax: the checkpoint has a relaxed model {name!r} that this run does not")
-            mine = handles[name].signature()
-            differences = [f"{key}: checkpoint has {state.get(key)!r}, this run has {mine[key]!r}"
-                           for key in mine if state.get(key) != mine[key]]
+            differences = handles[name].signature_differences(state)
             if differences:
                 raise ValueError("equirelax: the checkpoint comes from a different relax configuration; "
                                  + "; ".join(differences))
@@ -294,15 +292,14 @@ class EquirelaxCallback(_lightning_callback_base()):
             source = checkpoint_callback.best_model_path
         out = self.export_path
         if out is None:
-            directory = (os.path.dirname(checkpoint_callback.best_model_path or "") or checkpoint_callback.dirpath
-                         if checkpoint_callback is not None else None) or trainer.default_root_dir
-            out = os.path.join(directory, "exported.ckpt")
-        if source is None:
-            with tempfile.TemporaryDirectory() as tmp:
+            directory = None
+            if checkpoint_callback is not None:
+                directory = os.path.dirname(checkpoint_callback.best_model_path or "") or checkpoint_callback.dirpath
+            out = os.path.join(directory or trainer.default_root_dir, "exported.ckpt")
+        with tempfile.TemporaryDirectory() as tmp:
+            if source is None:  # no monitored checkpoint: export the weights as they are now
                 source = os.path.join(tmp, "last.ckpt")
                 trainer.save_checkpoint(source)
-                export_checkpoint(source, out, self.export)
-        else:
             export_checkpoint(source, out, self.export)
         self.exported_path = out
         print(f"equirelax: exported plain NequIP checkpoint ({self.export}) to {out}")

@@ -6,7 +6,7 @@ from importlib.metadata import entry_points
 
 from .ace import ACE, ACEResilient
 from .base import Controller
-from .cr import CR, cr_schedule, lie_derivative_terms
+from .cr import CR, check_schedule_fits, cr_schedule, lie_derivative_terms
 from .fixed import Fixed
 from .recm import RECM
 
@@ -43,4 +43,4 @@ def get_controller(name_or_controller, **options) -> Controller:
 
 
 __all__ = ["ACE", "ACEResilient", "CR", "RECM", "Fixed", "Controller", "get_controller", "available_controllers",
-           "cr_schedule", "lie_derivative_terms", "BUILTIN"]
+           "check_schedule_fits", "cr_schedule", "lie_derivative_terms", "BUILTIN"]

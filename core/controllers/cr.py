@@ -32,6 +32,15 @@ def cr_schedule(schedule: str, epoch: int, epochs: int | None, theta: float = 1.
     return 2.0 * epoch / epochs if epoch <= half else 1.0 - 2.0 * (epoch - half) / epochs
 
 
+def check_schedule_fits(epochs, max_epochs, trainer: str, length_name: str):
+    """A schedule longer than training never reaches θ = 0: refuse it, naming the host's length setting."""
+    if epochs and max_epochs and max_epochs > 0 and epochs > max_epochs:
+        raise ValueError(
+            f"equirelax: the cr schedule runs over {epochs} epochs but {trainer} stops after "
+            f"{length_name}={max_epochs}; the schedule would not reach θ = 0"
+        )
+
+
 def _action(A):
     """A callable applying generators: a GeneratorAction, or a dense ``[3, d, d]`` tensor."""
     if callable(A) and not torch.is_tensor(A):

@@ -1,0 +1,71 @@
+"""Shared by the host speed benchmarks: every variant timed interleaved, medians of repeats, one table.
+
+``variants`` maps a label (``"vanilla"`` first) to ``(model, handle or None)``;
+``loss`` computes a training loss from a model, ``infer`` runs inference.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+
+import equirelax
+
+
+def seconds_per_step(step, steps: int, sync, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()  # queued device work belongs to the timed steps
+    return (time.perf_counter() - start) / steps
+
+
+def train_time(model, handle, loss, steps: int, sync) -> float:
+    """One host training step: forward (forces by autograd), loss, backward, Adam step; the controller in its hooks."""
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    if handle:
+        handle.wrap(opt)
+    model.train()
+
+    def step():
+        opt.zero_grad()
+        loss(model).backward()
+        opt.step()
+
+    return seconds_per_step(step, steps, sync)
+
+
+def inference_time(model, infer, steps: int, sync) -> float:
+    model.eval()
+    return seconds_per_step(lambda: infer(model), steps, sync)
+
+
+def time_variants(variants: dict, loss, infer, repeats: int, steps: int, sync=lambda: None):
+    """``(train, infer)``: per-variant lists of seconds per step; inference on each variant's exported model."""
+    train = {label: [] for label in variants}
+    for _ in range(repeats):
+        for label, (model, handle) in variants.items():
+            train[label].append(train_time(model, handle, loss, steps, sync))
+    # every variant deep-copied alike (e3nn rebuilds its generated code on copy)
+    exported = {label: equirelax.export(copy.deepcopy(model)) if handle else copy.deepcopy(model)
+                for label, (model, handle) in variants.items()}
+    inference = {label: [] for label in variants}
+    for _ in range(repeats):
+        for label, model in exported.items():
+            inference[label].append(inference_time(model, infer, steps, sync))
+    return train, inference
+
+
+def print_table(train: dict, inference: dict):
+    print("| model | train step (ms) | relaxed / vanilla | exported inference (ms) | exported / vanilla |")
+    print("|---|---|---|---|---|")
+    t0, i0 = statistics.median(train["vanilla"]), statistics.median(inference["vanilla"])
+    for label in train:
+        t, i = statistics.median(train[label]), statistics.median(inference[label])
+        print(f"| {label} | {1000 * t:.1f} | {t / t0:.3f} | {1000 * i:.1f} | {i / i0:.3f} |")

@@ -35,8 +35,20 @@ test-mace: $(MACE_ENV)/.installed
 test-nequip: $(NEQUIP_ENV)/.installed
 	$(NEQUIP_ENV)/bin/python -m pytest $(PYTEST_ARGS) tests integration_tests
 
-demo: $(NEQUIP_ENV)/.installed
-	$(NEQUIP_ENV)/bin/python benchmarks/e3nn_synthetic.py accuracy --steps 800 --seeds 1
+# The main job, on generated data: pretrain a small MACE on symmetric EMT clusters, then fine-tune it
+# vanilla vs each controller, on more symmetric data and on data in an external field (equirelax compare).
+DEMO_DIR := demo-output
+DEMO_BIN := $(CURDIR)/$(MACE_ENV)/bin
+demo: $(MACE_ENV)/.installed
+	mkdir -p $(DEMO_DIR)
+	cd $(DEMO_DIR) && $(DEMO_BIN)/equirelax pretrain --host mace --out pretrained
+	cd $(DEMO_DIR) && $(DEMO_BIN)/equirelax data emt sym_train.xyz --n 50 --seed 21
+	cd $(DEMO_DIR) && $(DEMO_BIN)/equirelax data emt sym_test.xyz --n 40 --seed 22
+	cd $(DEMO_DIR) && $(DEMO_BIN)/equirelax data emt-field field_train.xyz --n 50 --seed 11
+	cd $(DEMO_DIR) && $(DEMO_BIN)/equirelax data emt-field field_test.xyz --n 40 --seed 12
+	cd $(DEMO_DIR) && $(DEMO_BIN)/equirelax compare --host mace --config $(CURDIR)/examples/mace/finetune_symmetric.yaml --out symmetric
+	cd $(DEMO_DIR) && $(DEMO_BIN)/equirelax compare --host mace --config $(CURDIR)/examples/mace/finetune_field.yaml --out field
+	@echo "reports: $(DEMO_DIR)/field/report.md (external field) and $(DEMO_DIR)/symmetric/report.md (symmetric)"
 
 benchmark: $(NEQUIP_ENV)/.installed
 	$(NEQUIP_ENV)/bin/python benchmarks/e3nn_synthetic.py speed

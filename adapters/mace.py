@@ -80,9 +80,9 @@ def mace_equivariance_error(model, batch: dict, n_rotations: int = 3, generator=
     errors = {"energy": [], "forces": []}
     for R in random_rotations(n_rotations, "O3", dtype=batch["positions"].dtype, generator=generator):
         out = model(_rotate_batch(batch, R), training=False, compute_force=True)
-        errors["energy"].append(float((out["energy"] - energy).abs().mean() / energy.abs().mean().clamp_min(1e-30)))
+        errors["energy"].append(float((out["energy"].detach() - energy).abs().mean() / energy.abs().mean().clamp_min(1e-30)))
         expected = forces @ R.T
         errors["forces"].append(
-            float((out["forces"] - expected).norm(dim=-1).mean() / forces.norm(dim=-1).mean().clamp_min(1e-30))
+            float((out["forces"].detach() - expected).norm(dim=-1).mean() / forces.norm(dim=-1).mean().clamp_min(1e-30))
         )
     return {key: {"mean": sum(v) / len(v), "max": max(v)} for key, v in errors.items()}

@@ -173,6 +173,7 @@ class RelaxedLayer(nn.Module):
         # per-step caches and device-side index copies are not part of a saved model
         state = self.__dict__.copy()
         state.update(cached_inputs=[], probes=[], _positions=None, _projector=None, _handle=None)
+        state.update(probing=False, use_probe=False)  # a saved model is never mid-probe; RECM sets it on resume
         return state
 
     def clear_step_cache(self):

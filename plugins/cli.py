@@ -4,6 +4,8 @@
     equirelax data emt-field OUT.xyz [--n 100] [--seed 0] [--field 0 0 0.3]
     equirelax pretrain --host mace|nequip --out DIR [--n 80] [--epochs 40] [--seed 3]
     equirelax export --host nequip RELAXED.ckpt OUT.ckpt [--mode merge|drop]
+    equirelax compare --host mace|nequip --config CONFIG.yaml [--controllers vanilla cr ace ace-resilient recm]
+                      [--out DIR] [--epochs N] [--seed S] [--test-file F] [--controller-options JSON]
 
 ``pretrain`` generates the symmetric EMT set in DIR, trains a small potential on
 it with the host's own training (no relaxation) and saves it: MACE as
@@ -11,6 +13,8 @@ it with the host's own training (no relaxation) and saves it: MACE as
 ``DIR/pretrained.ckpt`` (fine-tune with ``nequip.model.ModelFromCheckpoint``).
 ``export`` turns a relaxed NequIP checkpoint into a plain one for
 ``nequip-package`` (MACE runs write their exported model themselves).
+``compare`` trains vanilla and relaxed models with the host's own training on
+the same config and writes one report (see ``equirelax compare --help``).
 """
 
 from __future__ import annotations
@@ -84,7 +88,19 @@ def main(argv=None):
     exp.add_argument("checkpoint", type=Path)
     exp.add_argument("out", type=Path)
     exp.add_argument("--mode", choices=["merge", "drop"], default="merge")
+    from . import compare
+
+    cmp = sub.add_parser("compare", help="vanilla vs relaxed host training on one config, one report",
+                         description=compare.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    compare.add_arguments(cmp)
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        if not _has(args.host):
+            sys.exit(f"equirelax: compare --host {args.host} needs {args.host}: pip install 'equirelax[{args.host}]'")
+        try:
+            sys.exit(compare.main(args))
+        except compare.CompareError as error:
+            sys.exit(str(error))
     if args.command == "data":
         if args.n < 1:
             parser.error("--n must be a positive number of configurations")

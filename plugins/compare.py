@@ -29,6 +29,7 @@ are taken from the directory ``compare`` is run in.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -40,7 +41,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .nequip_config import CALLBACK_TARGET, RELAXED_MODEL_TARGET
+
 DEFAULT_CONTROLLERS = ("vanilla", "cr", "ace", "ace-resilient", "recm")
+
 EQUIVARIANCE_CONFIGURATIONS = 8
 EVALUATION_BATCH = 16
 
@@ -264,14 +268,12 @@ class NequipHost:
     name = "nequip"
 
     def __init__(self, config_path: Path, options):
-        from .nequip import TARGET
-
         config = _resolve_nested_paths(_load_yaml(config_path), Path.cwd())
         module = config.get("training_module")
         if not isinstance(module, dict) or not isinstance(module.get("model"), dict):
             raise CompareError(f"equirelax: {config_path} has no training_module.model: is it a nequip-train config?")
         model = module["model"]
-        if model.get("_target_") == TARGET:
+        if model.get("_target_") == RELAXED_MODEL_TARGET:
             self.relax_settings = {k: v for k, v in model.items() if k not in ("_target_", "model")}
             self.inner_model = model["model"]
         else:
@@ -415,7 +417,6 @@ class NequipHost:
         return energies, forces, {"energy": error["energy"]["max"], "forces": error["forces"]["max"]}
 
 
-CALLBACK_TARGET = "equirelax.plugins.nequip.EquirelaxCallback"
 HOSTS = {"mace": MaceHost, "nequip": NequipHost}
 
 
@@ -495,6 +496,8 @@ def compare(host_name: str, config_path: Path, out: Path, controllers=DEFAULT_CO
     unknown = sorted(set(controller_options) - set(controllers))
     if unknown:
         raise CompareError(f"equirelax: --controller-options names {unknown}, which are not in --controllers")
+    if "vanilla" in controller_options:
+        raise CompareError("equirelax: --controller-options: vanilla is the host's own training and takes no options")
     options = _Options(epochs=epochs, seed=seed, test_file=test_file, device=device)
     host = HOSTS[host_name](Path(config_path), options)
     if not host.test_file:
@@ -513,6 +516,9 @@ def compare(host_name: str, config_path: Path, out: Path, controllers=DEFAULT_CO
                 message = str(error).strip("'\"")
                 raise CompareError(message if message.startswith("equirelax") else
                                    f"equirelax: controller {controller!r}: {message}") from None
+    if importlib.util.find_spec(host_name) is None:
+        raise CompareError(f"equirelax: compare --host {host_name} needs {host_name} in this environment: "
+                           f"pip install 'equirelax[{host_name}]'")
     frames = read(str(test_path), ":")
     reference = _read_reference(frames, host.energy_key, host.forces_key)
 
@@ -676,8 +682,8 @@ def reading(results: dict) -> list[str]:
     if closed:
         lines.append(f"Ended exactly equivariant (γ ≈ 0 on every layer): {', '.join(closed)}.")
     if kept:
-        lines.append(f"Kept relaxation (γ > 0 somewhere), so their relaxed model differs from the exported one: "
-                     f"{', '.join(kept)}.")
+        lines.append(f"Ended with γ > 0 somewhere (still relaxed; the exported model is their equivariant "
+                     f"projection): {', '.join(kept)}.")
     return lines
 
 

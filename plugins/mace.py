@@ -242,8 +242,12 @@ class MaceSession:
             try:  # as MACE does for its own models: a TorchScript file for LAMMPS and other C++ hosts
                 from e3nn.util import jit
 
+                import warnings
+
                 compiled = Path(args.model_dir) / f"{stem}_exported_compiled.model"
-                torch.jit.save(jit.compile(copy.deepcopy(model)), compiled)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # TorchScript's notes on e3nn's annotations
+                    torch.jit.save(jit.compile(copy.deepcopy(model)), compiled)
                 written.append(compiled)
             except Exception as error:  # noqa: BLE001  (MACE skips compilation failures the same way)
                 logging.warning(f"equirelax: could not compile the exported model: {error}")

@@ -38,8 +38,8 @@ import torch
 from ..core.controllers import check_schedule_fits
 from ..core.handle import EXPORT_MODES, RelaxHandle, export, relax
 from ..core.layer import RelaxedLayer
+from .nequip_config import RELAXED_MODEL_TARGET as TARGET
 
-TARGET = "equirelax.plugins.nequip.RelaxedModel"
 CHECKPOINT_KEY = "equirelax"
 
 

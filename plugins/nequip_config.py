@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 KEY_MAPPING = {"REF_energy": "total_energy", "REF_forces": "forces"}
+RELAXED_MODEL_TARGET = "equirelax.plugins.nequip.RelaxedModel"
+CALLBACK_TARGET = "equirelax.plugins.nequip.EquirelaxCallback"
 
 
 def model_config(num_features: int = 16, num_layers: int = 2, l_max: int = 1, cutoff: float = 4.5,
@@ -33,7 +35,7 @@ def model_config(num_features: int = 16, num_layers: int = 2, l_max: int = 1, cu
 
 def relaxed(model: dict, controller: str, options: dict | None = None, **relax_kwargs) -> dict:
     """``model`` wrapped in ``equirelax.plugins.nequip.RelaxedModel``."""
-    return {"_target_": "equirelax.plugins.nequip.RelaxedModel", "controller": controller,
+    return {"_target_": RELAXED_MODEL_TARGET, "controller": controller,
             "options": dict(options or {}), **relax_kwargs, "model": model}
 
 
@@ -91,7 +93,7 @@ def training_config(
     if relax is not None:
         relax = dict(relax)
         model = relaxed(model, **relax)
-        callbacks.append({"_target_": "equirelax.plugins.nequip.EquirelaxCallback"})
+        callbacks.append({"_target_": CALLBACK_TARGET})
     trainer = {
         "_target_": "lightning.Trainer", "max_epochs": epochs, "check_val_every_n_epoch": 1,
         "log_every_n_steps": 1, "enable_progress_bar": False, "accelerator": "cpu", "callbacks": callbacks,

@@ -153,3 +153,30 @@ def test_position_fed_branch_breaks_symmetry_and_needs_positions():
 
 def equivariance_error_with_positions(model, x, handle):
     return equirelax.equivariance_error(model, x, irreps_in="2x0e+1x1o", irreps_out="1x0e+1x1o")
+
+
+def test_model_saved_between_recm_probing_steps_loads_with_its_branch_on(model):
+    import io
+    import pickle
+
+    x, y = make_task("field", 64)
+    handle = equirelax.relax(model, "recm", init="random", init_std=0.1, probe_every=2)
+    opt = handle.wrap(torch.optim.SGD(model.parameters(), lr=1e-3))
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    opt.step()  # the next step is a probing step: branches off, for RECM's measurement only
+    assert all(layer.probing for layer in handle.layers.values())
+    model.eval()
+    reference = model(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # as MACE saves models (a pickle), here mid-training
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert not any(getattr(m, "probing", False) for m in loaded.modules())
+    loaded.train()  # a user running the loaded model in train mode still gets the relaxed model
+    assert torch.allclose(loaded(x), reference)
+    with handle.equivariant():
+        equivariant = model(x)
+    assert not torch.allclose(reference, equivariant)
+    resumed = equirelax.RelaxHandle.attach(pickle.loads(pickle.dumps(model)))
+    assert all(layer.probing for layer in resumed.layers.values())  # RECM's schedule comes back on resume

@@ -1,0 +1,142 @@
+"""``equirelax compare``: the report is computed from the numbers, and bad input stops it before any training."""
+
+import json
+import math
+
+import pytest
+import yaml
+
+from equirelax.plugins import compare
+from equirelax.plugins.data import write_emt_dataset
+
+
+def _run(name, force_mae, relaxed_mae=None, gamma=None, status="ok", error=None):
+    def metrics(value, eq_error):
+        return {"energy_mae_mev_per_atom": 1.0, "energy_rmse_mev_per_atom": 1.5, "force_mae_mev_per_a": value,
+                "force_rmse_mev_per_a": 1.3 * value, "equivariance_error": {"energy": eq_error, "forces": eq_error}}
+
+    test = {}
+    if status == "ok":
+        test["equivariant"] = metrics(force_mae, 2e-15)
+        if relaxed_mae is not None:
+            test["relaxed"] = metrics(relaxed_mae, 0.2)
+    return {"name": name, "controller": None if name == "vanilla" else name, "relaxed_run": name != "vanilla",
+            "directory": f"/out/runs/{name}", "status": status, "error": error, "wall_seconds": 10.0,
+            "seconds_per_epoch": 0.5, "peak_memory_mb": 600.0, "peak_gpu_memory_mb": None, "model_epoch": 3,
+            "gamma": gamma or {}, "test": test,
+            "curves": {"epoch": [0, 1, 2], "val_force_mae": [150.0, 130.0, force_mae],
+                       "gamma": {layer: [[0, 1.0], [1, 0.5], [2, value]] for layer, value in (gamma or {}).items()}}}
+
+
+def _results(*runs):
+    return {"host": "mace", "config": "/c.yaml", "test_file": "/t.xyz", "test_configurations": 40, "epochs": 3,
+            "seed": 3, "controllers": [r["name"] for r in runs], "controller_options": {}, "runs": list(runs)}
+
+
+GAMMA_KEPT = {"model.interactions.0.linear": 0.8, "model.products.0.linear": 0.6}
+GAMMA_ZERO = {"model.interactions.0.linear": 0.0, "model.products.0.linear": 0.0}
+
+
+def test_reading_names_the_runs_that_beat_vanilla_with_their_margin():
+    lines = compare.reading(_results(_run("vanilla", 120.0), _run("recm", 125.0, 108.0, GAMMA_KEPT),
+                                     _run("cr", 121.0, 121.0, GAMMA_ZERO)))
+    text = "\n".join(lines)
+    assert "Lowest test force MAE: `recm` (relaxed model), 108.0 meV/Å." in text
+    assert "Relaxed models vs vanilla: below vanilla: `recm` (-10.0%); not below vanilla: `cr` (+0.8%)." in text
+    assert "Exported (exactly equivariant) models vs vanilla: below vanilla: none" in text
+    assert "Ended exactly equivariant (γ ≈ 0 on every layer): `cr`" in text
+    assert "Ended with γ > 0 somewhere" in text and "`recm` (max |γ| 0.800)" in text
+    assert "No relaxed run beat vanilla" not in text
+
+
+def test_reading_says_so_when_no_controller_beats_vanilla():
+    lines = compare.reading(_results(_run("vanilla", 100.0), _run("ace-resilient", 110.0, 104.0, GAMMA_KEPT)))
+    assert "No relaxed run beat vanilla on test force MAE with this budget." in lines
+    assert "Lowest test force MAE: `vanilla` (model), 100.0 meV/Å." in lines
+
+
+def test_failed_run_is_a_row_of_the_table_and_a_line_of_the_reading():
+    results = _results(_run("vanilla", 100.0), _run("cr", None, status="failed", error="exit code 1: equirelax: boom"))
+    table = compare.table(results).splitlines()
+    assert len(table) == 4
+    assert table[3].startswith("| cr | **failed**: exit code 1: equirelax: boom |")
+    assert table[3].count("|") == table[0].count("|")  # same number of columns as the header
+    assert any("`cr` failed (exit code 1: equirelax: boom)" in line for line in compare.reading(results))
+
+
+def test_table_drops_the_shared_layer_prefix_and_shows_numbers():
+    row = compare.table(_results(_run("recm", 125.0, 108.0, GAMMA_KEPT))).splitlines()[2]
+    assert "| 125.0 / 108.0 |" in row and "interactions.0.linear: 0.800, products.0.linear: 0.600" in row
+    assert "model.interactions" not in row and "| 2.0e-15 / 2.0e-01 |" in row and "| 3 |" in row
+
+
+def test_write_report_writes_markdown_json_and_png_plots(tmp_path):
+    results = _results(_run("vanilla", 120.0), _run("recm", 125.0, 108.0, GAMMA_KEPT))
+    compare.write_report(results, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "| recm | ok | 125.0 / 108.0 |" in report and "## Reading" in report
+    assert "![gamma.png](gamma.png)" in report
+    assert json.loads((tmp_path / "results.json").read_text())["runs"][1]["gamma"] == GAMMA_KEPT
+    for name in ("validation.png", "gamma.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path):
+    run = compare.Run("recm", "recm", tmp_path)
+    run.test = {"relaxed": {"force_mae_mev_per_a": math.nan, "equivariance_error": {"forces": math.inf}}}
+    record = compare._json_run(run)
+    assert record["test"]["relaxed"] == {"force_mae_mev_per_a": None, "equivariance_error": {"forces": None}}
+    json.dumps(record, allow_nan=False)
+
+
+@pytest.fixture()
+def user_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_emt_dataset(tmp_path / "test.xyz", 3, seed=1)
+    config = {"name": "mine", "train_file": "train.xyz", "test_file": "test.xyz", "max_num_epochs": 2, "seed": 1}
+    (tmp_path / "mace.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path / "mace.yaml"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"controllers": ["vanilla", "recmm"]}, "unknown controller 'recmm'"),
+    ({"controllers": ["vanilla", "recm", "vanilla"]}, "['vanilla'] listed twice"),
+    ({"controllers": []}, "at least one entry"),
+    ({"controllers": ["vanilla", "recm"], "controller_options": {"ace": {"dual_lr": 0.1}}},
+     "names ['ace'], which are not in --controllers"),
+    ({"controller_options": {"vanilla": {"gamma": 1}}}, "vanilla is the host's own training and takes no options"),
+    ({"controller_options": {"recm": {"probe_every": 1}}}, "probe_every"),
+    ({"controller_options": {"ace": {"dual_lr": -1.0}}, "controllers": ["ace"]}, "dual_lr"),
+    ({"test_file": "missing.xyz"}, "no test file at"),
+    ({"host_name": "gromacs"}, "unknown host 'gromacs'"),
+])
+def test_bad_input_stops_compare_before_any_training(user_config, tmp_path, kwargs, message):
+    arguments = {"host_name": "mace", "config_path": user_config, "out": tmp_path / "out", **kwargs}
+    with pytest.raises(compare.CompareError) as error:
+        compare.compare(**arguments)
+    assert message in str(error.value)
+    assert str(error.value).startswith("equirelax:")
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_without_a_test_set_or_not_a_mapping_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "no_test.yaml").write_text(yaml.safe_dump({"train_file": "train.xyz"}))
+    with pytest.raises(compare.CompareError, match="give the config one \\(test_file\\) or pass --test-file"):
+        compare.compare("mace", tmp_path / "no_test.yaml", tmp_path / "out")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(compare.CompareError, match="is not a YAML mapping"):
+        compare.compare("mace", tmp_path / "list.yaml", tmp_path / "out")
+    with pytest.raises(compare.CompareError, match="no config file at"):
+        compare.compare("mace", tmp_path / "absent.yaml", tmp_path / "out")
+    (tmp_path / "nequip.yaml").write_text(yaml.safe_dump({"trainer": {"max_epochs": 2}}))
+    with pytest.raises(compare.CompareError, match="has no training_module.model"):
+        compare.compare("nequip", tmp_path / "nequip.yaml", tmp_path / "out")
+
+
+def test_relative_paths_are_taken_from_the_working_directory(user_config, tmp_path):
+    (tmp_path / "train.xyz").write_text("")
+    host = compare.MaceHost(user_config, compare._Options(epochs=5, seed=7, test_file=None, device=None))
+    assert host.config["train_file"] == str(tmp_path / "train.xyz")
+    assert host.config["max_num_epochs"] == 5 and host.config["seed"] == 7

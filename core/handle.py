@@ -14,6 +14,7 @@ from torch import nn
 from . import hookspecs
 from .branches import LINEAR_KINDS, make_branch
 from .controllers import get_controller
+from .distributed import all_ranks_true
 from .irreps import check_group
 from .layer import RelaxedLayer
 
@@ -183,9 +184,10 @@ class RelaxHandle:
         for layer in self.layers.values():
             grads.extend(p.grad for p in layer.probes if p.grad is not None)
         if not grads:
-            return torch.ones((), dtype=torch.bool, device=self._first().gamma.device)
-        # one fused reduction; a NaN/inf anywhere makes its tensor's norm non-finite
-        return torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+            finite = torch.ones((), dtype=torch.bool, device=self._first().gamma.device)
+        else:  # one fused reduction; a NaN/inf anywhere makes its tensor's norm non-finite
+            finite = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+        return all_ranks_true(finite)
 
     def after_backward(self):
         """Call after ``loss.backward()`` and before ``optimizer.step()``."""

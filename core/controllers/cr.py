@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..branches import LINEAR_KINDS
+from ..distributed import all_reduce_, world_size
 from ..hookspecs import hookimpl
 from ..irreps import GeneratorAction
 from .base import Controller
@@ -115,36 +116,78 @@ class CR(Controller):
         }
         self.last_regulariser = None
 
+    def _inputs(self) -> dict:
+        return {name: torch.cat([c.reshape(-1, c.shape[-1]) for c in layer.cached_inputs])
+                for name, layer in self.layers.items() if layer.cached_inputs}
+
     def regulariser(self) -> torch.Tensor | None:
         """λ_reg · Σ_layers (√LD + √N) on the inputs cached during this step's forward."""
         total = None
         eps = self.options["eps"]
-        for name, layer in self.layers.items():
-            if not layer.cached_inputs:
-                continue
-            x = torch.cat([c.reshape(-1, c.shape[-1]) for c in layer.cached_inputs])
+        for name, x in self._inputs().items():
             A_in, A_out = self.generators[name]
-            lie, norm = lie_derivative_terms(layer.branch, x, A_in, A_out)
+            lie, norm = lie_derivative_terms(self.layers[name].branch, x, A_in, A_out)
             term = torch.sqrt(lie + eps) + torch.sqrt(norm + eps)
             total = term if total is None else total + term
         return None if total is None else self.options["reg_weight"] * total
+
+    def _regulariser_gradients(self):
+        """``(value, {param: grad})`` of the regulariser on this step's inputs.
+
+        Data parallel: LD and N are means over the rows of the *global* batch, under a square
+        root, so each rank differentiates its own row sums, and the sums and their gradients are
+        added over the ranks (one collective) before the chain rule: every rank gets the gradient
+        a single process would compute on the whole batch.
+        """
+        eps, weight = self.options["eps"], self.options["reg_weight"]
+        inputs = self._inputs()
+        if not inputs:
+            return None, {}
+        if world_size() == 1:
+            with torch.enable_grad():
+                reg = self.regulariser()
+                params = [p for name in inputs for p in self.layers[name].branch.parameters() if p.requires_grad]
+                grads = torch.autograd.grad(reg, params, allow_unused=True)
+            return reg.detach(), {p: g for p, g in zip(params, grads) if g is not None}
+        sums, grads, params = [], [], []
+        with torch.enable_grad():
+            for name, x in inputs.items():
+                branch = self.layers[name].branch
+                layer_params = [p for p in branch.parameters() if p.requires_grad]
+                A_in, A_out = self.generators[name]
+                lie, norm = lie_derivative_terms(branch, x, A_in, A_out)
+                rows = x.shape[0]
+                for term in (lie * rows, norm * rows):
+                    term_grads = torch.autograd.grad(term, layer_params, retain_graph=True, allow_unused=True)
+                    grads += [torch.zeros_like(p) if g is None else g for p, g in zip(layer_params, term_grads)]
+                    sums.append(term.detach().reshape(1))
+                sums.append(torch.full((1,), float(rows), dtype=lie.dtype, device=lie.device))
+                params.append(layer_params)
+        all_reduce_([*sums, *grads], average=False)
+        value, result, offset = 0.0, {}, 0
+        for index, layer_params in enumerate(params):
+            lie_sum, norm_sum, rows = (t[0] for t in sums[3 * index:3 * index + 3])
+            count = len(layer_params)
+            lie_grads, norm_grads = grads[offset:offset + count], grads[offset + count:offset + 2 * count]
+            offset += 2 * count
+            lie_root = torch.sqrt(lie_sum / rows + eps)
+            norm_root = torch.sqrt(norm_sum / rows + eps)
+            value = value + weight * (lie_root + norm_root)
+            for p, g_lie, g_norm in zip(layer_params, lie_grads, norm_grads):
+                result[p] = weight * (g_lie / (2 * lie_root * rows) + g_norm / (2 * norm_root * rows))
+        return value, result
 
     @hookimpl
     def equirelax_after_backward(self, handle, finite):
         if self.options["reg_weight"] == 0:
             return
-        with torch.enable_grad():
-            reg = self.regulariser()
-            if reg is None:
-                return
-            params = [p for layer in self.layers.values() for p in layer.branch.parameters() if p.requires_grad]
-            grads = torch.autograd.grad(reg, params, allow_unused=True)
-        for p, g in zip(params, grads):
-            if g is None:
-                continue
+        value, grads = self._regulariser_gradients()
+        if value is None:
+            return
+        for p, g in grads.items():
             g = torch.where(finite, g, torch.zeros_like(g))
             p.grad = g if p.grad is None else p.grad + g
-        self.last_regulariser = reg.detach()
+        self.last_regulariser = value
 
     @hookimpl
     def equirelax_epoch_end(self, handle, epoch):

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import all_reduce_
 from ..hookspecs import hookimpl
 from .base import Controller
 
@@ -95,14 +96,18 @@ class RECM(Controller):
     def equirelax_after_backward(self, handle, finite):
         beta, alpha, tau, eps = (self.options[k] for k in ("beta", "alpha", "tau", "eps"))
         with torch.no_grad():
-            for layer in self.layers.values():
+            measured = {}
+            for name, layer in self.layers.items():
                 if not layer.probing:
                     continue
                 grads = [p.grad for p in layer.probes if p.grad is not None]
-                if not grads:
-                    continue
-                G = grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)
-                G = G.to(layer.gamma.dtype)
+                if grads:
+                    G = grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)
+                    measured[name] = G.to(layer.gamma.dtype)
+            # data parallel: the probe gradient of the global batch, as DDP averages the parameters' gradients
+            all_reduce_(list(measured.values()))
+            for name, G in measured.items():
+                layer = self.layers[name]
                 Q = layer.projector.orthogonal_complement(G)
                 m, v, n, t = (layer.state(k) for k in ("m", "v", "n", "t"))
                 t_new = t + 1

@@ -158,7 +158,9 @@ class CR(Controller):
                 lie, norm = lie_derivative_terms(branch, x, A_in, A_out)
                 rows = x.shape[0]
                 for term in (lie * rows, norm * rows):
-                    term_grads = torch.autograd.grad(term, layer_params, retain_graph=True, allow_unused=True)
+                    # LD is a constant 0 on layers whose irreps the generators do not act on (all scalars)
+                    term_grads = (torch.autograd.grad(term, layer_params, retain_graph=True, allow_unused=True)
+                                  if term.requires_grad else [None] * len(layer_params))
                     grads += [torch.zeros_like(p) if g is None else g for p, g in zip(layer_params, term_grads)]
                     sums.append(term.detach().reshape(1))
                 sums.append(torch.full((1,), float(rows), dtype=lie.dtype, device=lie.device))

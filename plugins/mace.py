@@ -269,24 +269,68 @@ def main(argv=None) -> None:
             os.unlink(stripped_path)
 
 
+@contextlib.contextmanager
+def distributed_setup(args, find_unused_parameters: bool):
+    """MACE's ``--distributed`` path, made to run on CPU (gloo) and with RECM.
+
+    MACE initialises a process group only for CUDA/XPU and builds ``DDP(model,
+    device_ids=[local_rank])``, which a CPU model refuses; on CPU this opens a
+    gloo group (from torchrun's environment) and leaves ``device_ids`` out. RECM's
+    probing steps train without the branches, so DDP is told that some
+    parameters may go unused in a step.
+    """
+    if not getattr(args, "distributed", False):
+        yield
+        return
+    import torch.distributed as dist
+    from mace.cli import run_train
+
+    cpu = str(args.device) == "cpu"
+    if cpu and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    original = run_train.DDP
+
+    def ddp(module, *a, **kwargs):
+        if cpu:
+            kwargs.pop("device_ids", None)
+            a = ()
+        if find_unused_parameters:
+            kwargs["find_unused_parameters"] = True
+        return original(module, *a, **kwargs)
+
+    run_train.DDP = ddp
+    try:
+        yield
+    finally:
+        run_train.DDP = original
+        if cpu and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def _run(config, mace_argv) -> None:
     import mace  # noqa: F401
     from mace import tools
     from mace.cli import run_train
 
+    from ..core.controllers import get_controller
+
     args = tools.build_default_arg_parser().parse_args(mace_argv)
     if config is None:
-        run_train.run(args)
+        with distributed_setup(args, find_unused_parameters=False):
+            run_train.run(args)
         return
     session = MaceSession(config)
+    options = dict(config["options"], **({"epochs": 1} if config["controller"] == "cr" else {}))
+    probing = getattr(get_controller(config["controller"], **options), "needs_probe", False)
     try:
-        with session.installed():
+        with distributed_setup(args, find_unused_parameters=probing), session.installed():
             run_train.run(args)
     except (ValueError, TypeError) as error:
         if str(error).startswith("equirelax:"):
             sys.exit(str(error))  # a configuration problem: say it plainly, without MACE's traceback
         raise
-    session.export_models(args)
+    if int(os.environ.get("RANK", "0")) == 0:  # one writer for the exported files
+        session.export_models(args)
 
 
 if __name__ == "__main__":

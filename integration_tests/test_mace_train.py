@@ -34,13 +34,14 @@ def data_dir(tmp_path_factory):
 
 
 def run(cli, workdir, data_dir, config, *extra):
+    cli = [str(c) for c in cli] if isinstance(cli, list) else [str(cli)]
     workdir.mkdir(parents=True, exist_ok=True)
     for name in ("train.xyz", "test.xyz"):
         target = workdir / name
         if not target.exists():
             target.symlink_to(data_dir / name)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    return subprocess.run([str(cli), "--config", "config.yaml", *extra], cwd=workdir, capture_output=True,
+    return subprocess.run([*cli, "--config", "config.yaml", *extra], cwd=workdir, capture_output=True,
                           text=True, timeout=600)
 
 
@@ -100,27 +101,29 @@ def test_config_without_relax_trains_exactly_like_mace_run_train(tmp_path, data_
     assert not (tmp_path / "ours" / "tiny_exported.model").exists()
 
 
-def test_resume_with_restart_latest_continues_the_controller_trajectory(tmp_path, data_dir):
-    """MACE restarts *at* the checkpointed epoch (it trains that epoch again), so 2 epochs + a restart to 4
-    is 5 epochs of training: the λ trajectory must equal an uninterrupted 5-epoch run's (full-batch data, so
-    shuffling cannot change it)."""
+def test_run_killed_mid_epoch_resumes_the_controller_trajectory(tmp_path, data_dir):
+    """SIGKILL inside epoch 4 (after its backward, before the optimizer step), then ``--restart_latest``.
+    MACE restarts *at* the checkpointed epoch (the 3rd; it trains that epoch again), so the killed run's 3
+    epochs plus the restart's 2 are 5 epochs of training: the λ trajectory must equal an uninterrupted
+    5-epoch run's (full-batch data, so shuffling cannot change it)."""
     relax = {"controller": "ace-resilient", "options": {"dual_lr": 0.05}}
     full = run(CLI, tmp_path / "full", data_dir, {**BASE, "max_num_epochs": 5, "relax": relax})
     assert full.returncode == 0, full.stderr[-3000:]
-    first = run(CLI, tmp_path / "resumed", data_dir, {**BASE, "max_num_epochs": 2, "relax": relax})
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run(CLI, tmp_path / "resumed", data_dir, {**BASE, "max_num_epochs": 4, "relax": relax},
-                 "--restart_latest")
+    config = {**BASE, "max_num_epochs": 4, "save_all_checkpoints": True, "relax": relax}
+    killer = [sys.executable, str(Path(__file__).with_name("kill_at_step.py")), "4", "mace"]
+    first = run(killer, tmp_path / "resumed", data_dir, config)
+    assert first.returncode == -9, first.stderr[-3000:]
+    second = run(CLI, tmp_path / "resumed", data_dir, config, "--restart_latest")
     assert second.returncode == 0, second.stderr[-3000:]
     key = "equirelax/ace/lambda/interactions.0.linear"
     uninterrupted = [r[key] for r in results(tmp_path / "full") if r.get("mode") == "eval"]
     resumed = [r[key] for r in results(tmp_path / "resumed") if r.get("mode") == "eval"]
     # the restart's first evaluation (before training) reports the checkpointed state: the same λ again
-    assert resumed[3] == resumed[2] > 0
-    del resumed[3]
+    assert resumed[4] == resumed[3] > 0
+    del resumed[4]
     assert len(resumed) == len(uninterrupted) == 6
     assert resumed == pytest.approx(uninterrupted, rel=1e-9, abs=1e-12)
-    assert uninterrupted[-1] > uninterrupted[2]  # the dual variable kept moving after the restart point
+    assert uninterrupted[-1] > uninterrupted[3]  # the dual variable kept moving after the restart point
 
 
 @pytest.mark.parametrize(

@@ -204,15 +204,24 @@ def test_gamma_zero_trains_bit_for_bit_like_plain_nequip(data):
     assert branches and all(v.abs().max() > 0 for v in branches)
 
 
-def test_resume_restores_controller_state_exactly(data):
+def test_run_killed_mid_epoch_resumes_the_uninterrupted_trajectory(data):
+    """SIGKILL in the middle of epoch 3 (before an optimizer step), then ``++ckpt_path`` on the latest
+    checkpoint (end of epoch 2): weights, γ and every RECM statistic end as in an uninterrupted run."""
     config = small_config(data, relax={"controller": "recm", "options": {"probe_every": 2}, "init": "random"},
                           epochs=4)
     config["data"]["train_dataloader"]["shuffle"] = False  # same batches in the resumed epochs
     config["run"] = ["train"]
     straight = nequip_train(data, "straight", config)
-    config["trainer"]["max_epochs"] = 2
-    first = nequip_train(data, "first_half", config)
-    config["trainer"]["max_epochs"] = 4
+    write_config(data, "killed", config)
+    steps_per_epoch = 24 // 4  # 30 configurations, 80% for training, batches of 4
+    killed = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("kill_at_step.py")), str(2 * steps_per_epoch + 3), "nequip",
+         "-cp", str(data), "-cn", "killed", f"hydra.run.dir={data / 'out_killed'}"],
+        cwd=data, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"},
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    first = data / "out_killed"
+    assert torch.load(first / "last.ckpt", weights_only=False)["epoch"] == 1  # the last complete epoch
     resumed = nequip_train(data, "resumed", config, f"++ckpt_path={first / 'last.ckpt'}")
     a = torch.load(straight / "last.ckpt", weights_only=False)
     b = torch.load(resumed / "last.ckpt", weights_only=False)

@@ -118,7 +118,13 @@ class RelaxedLayer(nn.Module):
                     "forward pass; call handle.set_positions(positions) before the model's forward"
                 )
             positions = self._positions[..., list(CARTESIAN_TO_E3NN)].to(x.dtype)
-            shape = torch.broadcast_shapes(x.shape[:-1], positions.shape[:-1])
+            try:
+                shape = torch.broadcast_shapes(x.shape[:-1], positions.shape[:-1])
+            except RuntimeError:
+                raise ValueError(
+                    f"equirelax: positions of shape {tuple(self._positions.shape)} do not match this layer's "
+                    f"features of shape {tuple(x.shape)}: give one row of 3 Cartesian coordinates per feature row"
+                ) from None
             x = torch.cat([x.expand(*shape, x.shape[-1]), positions.expand(*shape, 3)], dim=-1)
         return x
 

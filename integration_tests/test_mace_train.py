@@ -126,6 +126,28 @@ def test_run_killed_mid_epoch_resumes_the_controller_trajectory(tmp_path, data_d
     assert uninterrupted[-1] > uninterrupted[3]  # the dual variable kept moving after the restart point
 
 
+def test_restart_from_a_checkpoint_of_another_relax_configuration_says_what_differs(tmp_path, data_dir):
+    first = run(CLI, tmp_path, data_dir, {**BASE, "max_num_epochs": 1, "relax": {"controller": "recm"}})
+    assert first.returncode == 0, first.stderr[-3000:]
+    other_controller = run(CLI, tmp_path, data_dir, {**BASE, "relax": {"controller": "ace"}}, "--restart_latest")
+    assert other_controller.returncode != 0
+    assert "comes from a different relax configuration; controller: checkpoint has 'recm', this model has 'ace'" \
+        in other_controller.stderr, other_controller.stderr[-2000:]
+    other_targets = run(CLI, tmp_path, data_dir, {**BASE, "relax": {"controller": "recm",
+                                                                  "targets": ["products.*.linear"]}},
+                        "--restart_latest")
+    assert other_targets.returncode != 0
+    assert "layers: checkpoint has ['interactions.0.linear', 'interactions.1.linear', 'products.0.linear'" \
+        in other_targets.stderr, other_targets.stderr[-2000:]
+    plain = tmp_path / "plain"
+    assert run(CLI, plain, data_dir, {**BASE, "max_num_epochs": 1}).returncode == 0
+    relaxed_restart = run(CLI, plain, data_dir, {**BASE, "relax": {"controller": "recm"}}, "--restart_latest")
+    assert relaxed_restart.returncode != 0
+    assert "was written without relaxation (plain MACE)" in relaxed_restart.stderr, relaxed_restart.stderr[-2000:]
+    resumed = run(CLI, tmp_path, data_dir, {**BASE, "relax": {"controller": "recm"}}, "--restart_latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]  # the same configuration still restarts
+
+
 @pytest.mark.parametrize(
     "relax,message",
     [({"controller": "acme"}, "unknown controller 'acme'"),
@@ -184,6 +206,25 @@ def test_exported_model_runs_ase_md_without_equirelax(tmp_path, data_dir):
     assert md.returncode == 0, md.stderr[-3000:]
     drift = float(md.stdout.split("MD-OK")[1])
     assert drift < 0.05  # eV over 20 steps: the forces are the energy's gradient
+    # the relaxed model itself needs equirelax, and says so where it is not installed
+    relaxed = subprocess.run([sys.executable, "-c", NOT_INSTALLED + LOAD_RELAXED], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=600)
+    assert relaxed.returncode != 0
+    assert "No module named 'equirelax'" in relaxed.stderr, relaxed.stderr[-2000:]
+
+
+NOT_INSTALLED = """
+import importlib.abc, sys
+class NotInstalled(importlib.abc.MetaPathFinder):  # as if equirelax were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "equirelax":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NotInstalled())
+"""
+LOAD_RELAXED = """
+from mace.calculators import MACECalculator
+MACECalculator(model_paths="tiny.model", device="cpu", default_dtype="float64")
+"""
 
 
 def test_equirelax_data_and_pretrain_commands(tmp_path):

@@ -179,6 +179,25 @@ def test_exported_package_runs_in_nequip_ase_calculator_without_equirelax(runs, 
     assert abs(float(expected.detach()) - energy) < 1e-9
 
 
+def test_relaxed_checkpoint_without_equirelax_installed_names_it(runs):
+    script = textwrap.dedent(f"""
+        import importlib.abc, sys
+        class NotInstalled(importlib.abc.MetaPathFinder):  # as if equirelax were not installed
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "equirelax":
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        sys.meta_path.insert(0, NotInstalled())
+        from nequip.model import ModelFromCheckpoint
+        from nequip.utils.global_state import set_global_state
+        set_global_state()
+        ModelFromCheckpoint({str(runs["ace"] / "best.ckpt")!r})
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "equirelax.plugins.nequip.RelaxedModel" in result.stderr, result.stderr[-2000:]
+    assert "No module named 'equirelax'" in result.stderr, result.stderr[-2000:]
+
+
 def test_relaxed_checkpoint_is_refused_by_nequip_package_with_the_export_command(runs, tmp_path):
     result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "nequip-package"), "build",
                              str(runs["ace"] / "best.ckpt"), str(tmp_path / "x.nequip.zip")],

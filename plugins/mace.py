@@ -36,6 +36,7 @@ from pathlib import Path
 RELAX_KEYS = {"controller", "targets", "branch", "rank", "init", "init_std", "group", "export", "options",
               "on_nonfinite"}
 EXPORT_MODES = ("merge", "drop", "none")
+CHECKPOINT_KEY = "equirelax"
 
 
 class RelaxConfigError(ValueError):
@@ -200,18 +201,53 @@ class MaceSession:
             metrics["equirelax/equivariance_error/forces"] = error["forces"]["mean"]
         return metrics
 
+    # ------------------------------------------------------------ checkpoints
+    def create_checkpoint(self, original):
+        def create_checkpoint(state):
+            checkpoint = original(state)
+            if self.handle is not None:  # γ and controller state are buffers in "model"; this names the setup
+                checkpoint[CHECKPOINT_KEY] = self.handle.signature()
+            return checkpoint
+
+        return staticmethod(create_checkpoint)
+
+    def load_checkpoint(self, original):
+        # run_train's --restart_latest catches every Exception from loading and silently trains from scratch;
+        # SystemExit gets through, so a mismatching checkpoint stops the run with the reason instead
+        def load_checkpoint(state, checkpoint, strict):
+            if self.handle is not None:
+                saved = checkpoint.get(CHECKPOINT_KEY)
+                if saved is None:
+                    raise SystemExit(
+                        "equirelax: the checkpoint to restart from was written without relaxation (plain MACE); "
+                        "restart it without a relax section, or start the relaxed run in a new directory (or "
+                        "fine-tune the plain model with --foundation_model)"
+                    )
+                differences = self.handle.signature_differences(saved)
+                if differences:
+                    raise SystemExit("equirelax: the checkpoint to restart from comes from a different relax "
+                                     "configuration; " + "; ".join(differences))
+            return original(state, checkpoint, strict)
+
+        return staticmethod(load_checkpoint)
+
     @contextlib.contextmanager
     def installed(self):
         import mace.cli.run_train as run_train
+        from mace.tools.checkpoint import CheckpointBuilder
 
         train_module = sys.modules["mace.tools.train"]  # mace.tools.train is also the name of a function
         patches = [
             (run_train, "configure_model"), (run_train, "get_params_options"), (run_train, "get_optimizer"),
             (train_module, "train_one_epoch"), (train_module, "valid_err_log"),
+            (CheckpointBuilder, "create_checkpoint"), (CheckpointBuilder, "load_checkpoint"),
         ]
-        saved = [(module, name, getattr(module, name)) for module, name in patches]
+        saved = [(module, name, module.__dict__[name] if isinstance(module, type) else getattr(module, name))
+                 for module, name in patches]
         try:
             for module, name, original in saved:
+                if isinstance(original, staticmethod):
+                    original = original.__func__
                 setattr(module, name, getattr(self, name)(original))
             yield self
         finally:

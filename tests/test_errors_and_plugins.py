@@ -206,3 +206,44 @@ def test_metrics_plugin_sees_every_hook(model, train_loop):
     assert calls == ["backward", "step", "backward", "step", "epoch1"]
     metrics = handle.metrics()
     assert metrics["logger/calls"] == 5 and "ace/lambda/0" in metrics and "gamma/2" in metrics
+
+
+def _forward_without_positions(model):
+    equirelax.relax(model, "fixed", positions=True)
+    model(torch.randn(4, model.irreps_in.dim))
+
+
+def _forward_with_wrong_positions(model):
+    handle = equirelax.relax(model, "fixed", positions=True)
+    handle.set_positions(torch.randn(3, 3))
+    model(torch.randn(4, model.irreps_in.dim))
+
+
+def _schedule_longer_than_training(model):
+    from equirelax.core.controllers import check_schedule_fits
+
+    check_schedule_fits(50, 10, "MACE", "max_num_epochs")
+
+
+BAD_INPUT = {
+    "unknown controller": (lambda m: equirelax.relax(m, "acme"), "unknown controller 'acme'"),
+    "negative dual learning rate": (lambda m: equirelax.relax(m, "ace", dual_lr=-0.1), "'dual_lr' must be"),
+    "negative RECM rate": (lambda m: equirelax.relax(m, "recm", alpha=-0.1), "'alpha' must be in (0, 1)"),
+    "schedule longer than training": (_schedule_longer_than_training, "runs over 50 epochs but MACE stops after"),
+    "targets matching nothing": (lambda m: equirelax.relax(m, "ace", targets=["nothing.*"]),
+                                 "matched no relaxable layer"),
+    "branch kind unknown": (lambda m: equirelax.relax(m, "ace", branch="transformer"), "unknown branch kind"),
+    "positions not given to a position-fed branch": (_forward_without_positions,
+                                                     "fed raw positions, but none were given"),
+    "positions not matching the features": (_forward_with_wrong_positions, "do not match this layer's features"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_table(model, case):
+    """Every bad input stops with an equirelax error that names the problem."""
+    action, message = BAD_INPUT[case]
+    with pytest.raises((ValueError, TypeError, RuntimeError)) as error:
+        action(model)
+    assert str(error.value).startswith("equirelax:"), str(error.value)
+    assert message in str(error.value), str(error.value)

@@ -503,9 +503,11 @@ def compare(host_name: str, config_path: Path, out: Path, controllers=DEFAULT_CO
     if not host.test_file:
         raise CompareError("equirelax: compare evaluates on a test set: give the config one "
                            f"({'test_file' if host_name == 'mace' else 'data.test_file_path'}) or pass --test-file")
-    test_path = Path(_absolute_if_file(str(host.test_file), Path.cwd()))
+    test_path = Path(host.test_file)
+    test_path = test_path if test_path.is_absolute() else Path.cwd() / test_path
     if not test_path.is_file():
-        raise CompareError(f"equirelax: no test file at {test_path}")
+        raise CompareError(f"equirelax: no test file at {test_path} (relative paths in the config are taken from "
+                           "the directory compare runs in)")
     for controller in controllers:  # unknown controllers and bad options stop here, before any training
         if controller != "vanilla":
             if not isinstance(controller_options.get(controller, {}), dict):
@@ -764,7 +766,8 @@ def add_arguments(parser) -> None:
                         help="your host config: a MACE YAML config, or a nequip-train config file")
     parser.add_argument("--controllers", nargs="+", default=list(DEFAULT_CONTROLLERS),
                         help="runs to compare: vanilla and controller names (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("compare-output"))
+    parser.add_argument("--out", type=Path, default=Path("compare-output"),
+                        help="directory for the runs and the report (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=None, help="override the config's number of epochs")
     parser.add_argument("--seed", type=int, default=None, help="override the config's seed")
     parser.add_argument("--test-file", default=None, help="test set (default: the config's)")

@@ -50,3 +50,29 @@ def test_per_step_path_has_no_host_sync(monkeypatch, controller, options, branch
     # the controller did run: its state moved (except for the constant baseline and CR within an epoch)
     if controller in ("ace", "ace-resilient", "recm"):
         assert gammas[0] != gammas[-1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("controller,options", [("cr", {"epochs": 3}), ("ace-resilient", {}),
+                                                ("recm", {"probe_every": 2})])
+def test_per_step_path_has_no_cuda_sync(controller, options):
+    """On a GPU, CUDA's own sync detector: any synchronising call in the controller's per-step path raises."""
+    model = gated_e3nn_model().cuda()
+    handle = equirelax.relax(model, controller, **options)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x, y = (t.cuda() for t in make_task("field", 32))
+    for _ in range(4):
+        opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            handle.after_backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        opt.step()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            handle.after_step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)

@@ -12,6 +12,7 @@ ENTRY_POINT_GROUP = "equirelax.adapters"
 BUILTIN = {
     "mace": "equirelax.adapters.mace:MaceAdapter",
     "nequip": "equirelax.adapters.nequip:NequipAdapter",
+    "egnn": "equirelax.adapters.egnn:EGNNAdapter",
     "e3nn": "equirelax.adapters.e3nn:E3nnAdapter",
 }
 _instances: dict = {}

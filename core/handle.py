@@ -437,8 +437,9 @@ def export(model: nn.Module, mode: str = "merge", *, inplace: bool = True) -> nn
             UserWarning,
             stacklevel=2,
         )
+    # what relaxation added (layers, branches); models equirelax ships for hosts without a package (EGNN) stay
     leftovers = sorted({type(m).__module__ + "." + type(m).__name__ for m in model.modules()
-                        if type(m).__module__.startswith("equirelax")})
+                        if type(m).__module__.startswith("equirelax.core")})
     if leftovers:
         raise RuntimeError(f"equirelax: export left equirelax modules in the model: {leftovers}")
     return model

@@ -55,6 +55,7 @@ benchmark: $(NEQUIP_ENV)/.installed
 	$(NEQUIP_ENV)/bin/python benchmarks/e3nn_synthetic.py accuracy
 	$(NEQUIP_ENV)/bin/python benchmarks/nequip_speed.py
 	$(NEQUIP_ENV)/bin/python benchmarks/nequip_finetune.py
+	$(NEQUIP_ENV)/bin/python benchmarks/nbody.py --train 1000 --test 500 --epochs 200
 
 clean:
 	rm -rf $(MACE_ENV) $(NEQUIP_ENV) *.egg-info

@@ -1,0 +1,229 @@
+"""Charged N-body (5 particles, positions 1000 steps ahead): EGNN vanilla vs relaxed with each controller.
+
+    .venv-nequip/bin/python benchmarks/nbody.py [--train 3000] [--epochs 300] [--seeds 0 1 2] [--out DIR]
+    .venv-nequip/bin/python benchmarks/nbody.py --quick        # the smallest setting (a regression check)
+
+For each data set (``symmetric`` and ``field``: a uniform field (0, 0, 1) acting
+on the charges) and seed, trains the EGNN of ``equirelax.adapters.egnn`` as is
+(vanilla) and relaxed with each controller (MLP branches on every block's
+coordinate update, fed h, raw x and v), same data, seed, epochs and
+optimiser (Adam, lr 5e-4, batch 100, as in the EGNN paper). Reports test MSE of
+the relaxed model and of its projection (branches dropped: the plain EGNN,
+E(3)-equivariant), final γ per layer, the E(3) equivariance error and training
+seconds per epoch; writes ``results.json``, ``gamma.png`` (γ per layer over
+epochs) and ``validation.png``; ``--sizes`` adds a sample-efficiency curve
+(test MSE vs training-set size) for vanilla and one controller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import equirelax
+from equirelax.adapters.egnn import EGNN, nbody_graph
+from equirelax.core.irreps import random_rotations
+from equirelax.plugins.nbody import charged_nbody
+
+FIELD = [0.0, 0.0, 1.0]
+CONTROLLERS = {
+    "vanilla": None,
+    "fixed": ("fixed", {}),
+    "cr": ("cr", {}),
+    "ace": ("ace", {"dual_lr": 8e-4}),
+    "ace-resilient": ("ace-resilient", {"dual_lr": 8e-4}),
+    "recm": ("recm", {}),
+}
+
+
+def load(n, seed, field):
+    data = charged_nbody(n, seed=seed, field=field)
+    return nbody_graph(data.positions, data.velocities, data.charges), torch.as_tensor(
+        data.targets, dtype=torch.get_default_dtype()).reshape(-1, 3)
+
+
+def batches(graph, targets, systems: int, batch: int, generator=None, particles: int = 5):
+    """Minibatches of whole systems (edge indices renumbered per batch)."""
+    h, x, v, edges, attr = graph
+    order = torch.randperm(systems, generator=generator) if generator is not None else torch.arange(systems)
+    edges_per = particles * (particles - 1)
+    for start in range(0, systems, batch):
+        chosen = order[start:start + batch]
+        nodes = (chosen[:, None] * particles + torch.arange(particles)).reshape(-1)
+        edge_rows = (chosen[:, None] * edges_per + torch.arange(edges_per)).reshape(-1)
+        local = edges[:, edge_rows] - (chosen * particles).repeat_interleave(edges_per)
+        local = local + (torch.arange(len(chosen)) * particles).repeat_interleave(edges_per)
+        yield (h[nodes], x[nodes], v[nodes], local, attr[edge_rows]), targets[nodes]
+
+
+def mse(model, graph, targets) -> float:
+    with torch.no_grad():
+        return float((model(*graph) - targets).pow(2).mean())
+
+
+def e3_error(model, graph) -> float:
+    h, x, v, edges, attr = graph
+    with torch.no_grad():
+        reference = model(h, x, v, edges, attr)
+        shift = torch.tensor([0.5, -1.0, 2.0], dtype=x.dtype)
+        errors = []
+        for R in random_rotations(3, "O3", dtype=x.dtype, generator=torch.Generator().manual_seed(0)):
+            out = model(h, x @ R.T + shift, v @ R.T, edges, attr)
+            errors.append(float((out - (reference @ R.T + shift)).norm(dim=-1).mean() / reference.norm(dim=-1).mean()))
+    return max(errors)
+
+
+def train(name, data, seed, epochs, hidden=64, layers=4, lr=5e-4, batch=100):
+    (train_graph, train_targets, n_train), (valid_graph, valid_targets), (test_graph, test_targets) = data
+    torch.manual_seed(seed)
+    model = EGNN(hidden=hidden, layers=layers)
+    handle = None
+    if CONTROLLERS[name] is not None:
+        controller, options = CONTROLLERS[name]
+        options = {**options, "epochs": epochs} if controller == "cr" else options
+        handle = equirelax.relax(model, controller, branch="mlp", init="random", **options)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-12)
+    if handle is not None:
+        handle.wrap(optimizer)
+    generator = torch.Generator().manual_seed(seed)
+    curve, gammas, seconds = [], [], []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for inputs, targets in batches(train_graph, train_targets, n_train, batch, generator):
+            optimizer.zero_grad()
+            (model(*inputs) - targets).pow(2).mean().backward()
+            optimizer.step()
+        if handle is not None:
+            handle.epoch_end()
+            gammas.append(handle.levels())
+        seconds.append(time.perf_counter() - start)
+        curve.append(mse(model, valid_graph, valid_targets))
+    result = {"test_mse_relaxed": mse(model, test_graph, test_targets), "validation": curve, "gamma": gammas,
+              "seconds_per_epoch": statistics.median(seconds), "equivariance_error_relaxed": e3_error(model, test_graph)}
+    if handle is not None:
+        equirelax.export(model, mode="drop")  # EGNN's update has no weights to merge into: the papers' projection
+    result["test_mse_projected"] = mse(model, test_graph, test_targets)
+    result["equivariance_error_projected"] = e3_error(model, test_graph)
+    return result
+
+
+def dataset(kind, n_train, n_test, seed):
+    field = FIELD if kind == "field" else None
+    train_graph, train_targets = load(n_train, 1000 + seed, field)
+    valid = load(n_test, 2000 + seed, field)
+    test = load(n_test, 3000 + seed, field)
+    return (train_graph, train_targets, n_train), valid, test
+
+
+def table(results, kind):
+    lines = [f"## {kind}", "", "| model | test MSE relaxed | test MSE projected (plain EGNN) | final γ per layer | "
+             "E(3) error relaxed / projected | s / epoch |", "|---|---|---|---|---|---|"]
+    for name, runs in results[kind].items():
+        def mean_std(key):
+            values = [r[key] for r in runs]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            return f"{statistics.mean(values):.2e} ± {std:.1e}"
+
+        last = [r["gamma"][-1] for r in runs if r["gamma"]]
+        gamma = ", ".join(f"{k.split('.')[1]}: {statistics.mean(g[k] for g in last):.3f}" for k in last[0]) if last \
+            else "-"
+        relaxed = mean_std("test_mse_relaxed") if name != "vanilla" else "-"
+        eq = f"{max(r['equivariance_error_relaxed'] for r in runs):.1e} / " \
+             f"{max(r['equivariance_error_projected'] for r in runs):.1e}"
+        lines.append(f"| {name} | {relaxed} | {mean_std('test_mse_projected')} | {gamma} | {eq} | "
+                     f"{statistics.median(r['seconds_per_epoch'] for r in runs):.2f} |")
+    return "\n".join(lines)
+
+
+def plots(results, out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(results)
+    figure, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+    for axis, kind in zip(axes[0], kinds):
+        for name, runs in results[kind].items():
+            axis.semilogy(range(1, len(runs[0]["validation"]) + 1), runs[0]["validation"], label=name)
+        axis.set_title(f"{kind}: validation MSE (seed {0})")
+        axis.set_xlabel("epoch")
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(out / "validation.png", dpi=100)
+    plt.close(figure)
+    relaxed = [(kind, name) for kind in kinds for name, runs in results[kind].items() if runs[0]["gamma"]]
+    if relaxed:
+        figure, axes = plt.subplots(len(kinds), len(relaxed) // len(kinds), figsize=(16, 3.2 * len(kinds)),
+                                    squeeze=False, sharey=True)
+        for axis, (kind, name) in zip(axes.reshape(-1), relaxed):
+            trajectory = results[kind][name][0]["gamma"]
+            for layer in trajectory[0]:
+                axis.plot(range(1, len(trajectory) + 1), [g[layer] for g in trajectory], label=layer.split(".")[1])
+            axis.set_title(f"{kind}: {name}", fontsize="small")
+        axes[0][0].set_ylabel("γ")
+        axes[0][-1].legend(fontsize="x-small", title="block")
+        figure.tight_layout()
+        figure.savefig(out / "gamma.png", dpi=100)
+        plt.close(figure)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", type=int, default=3000)
+    parser.add_argument("--test", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--kinds", nargs="+", default=["symmetric", "field"], choices=["symmetric", "field"])
+    parser.add_argument("--controllers", nargs="+", default=list(CONTROLLERS), choices=list(CONTROLLERS))
+    parser.add_argument("--sizes", type=int, nargs="*", default=[],
+                        help="training-set sizes for a sample-efficiency curve (vanilla vs --best)")
+    parser.add_argument("--best", default="recm", help="the controller of the sample-efficiency curve")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("nbody-output"))
+    parser.add_argument("--quick", action="store_true", help="smallest setting: 200 systems, 3 epochs, 1 seed")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.train, args.test, args.epochs, args.seeds = 200, 100, 3, [0]
+    torch.set_num_threads(args.threads)
+    torch.set_default_dtype(torch.float32)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for kind in args.kinds:
+        results[kind] = {name: [] for name in args.controllers}
+        for seed in args.seeds:
+            data = dataset(kind, args.train, args.test, seed)
+            for name in args.controllers:
+                result = train(name, data, seed, args.epochs)
+                results[kind][name].append(result)
+                print(f"{kind} seed {seed} {name}: test MSE relaxed {result['test_mse_relaxed']:.3e} projected "
+                      f"{result['test_mse_projected']:.3e} ({result['seconds_per_epoch']:.2f} s/epoch)", flush=True)
+    efficiency = {}
+    for size in args.sizes:
+        data = dataset(args.kinds[0], size, args.test, args.seeds[0])
+        for name in ("vanilla", args.best):
+            result = train(name, data, args.seeds[0], args.epochs)
+            efficiency.setdefault(name, []).append([size, result["test_mse_relaxed"], result["test_mse_projected"]])
+            print(f"size {size} {name}: {result['test_mse_relaxed']:.3e} / {result['test_mse_projected']:.3e}")
+    (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                       "results": results, "sample_efficiency": efficiency}))
+    plots(results, args.out)
+    print(f"\n# N-body: {args.train} training systems, {args.test} test, {args.epochs} epochs, seeds {args.seeds}\n")
+    for kind in args.kinds:
+        print(table(results, kind) + "\n")
+    if efficiency:
+        print(f"## sample efficiency ({args.kinds[0]}): test MSE (relaxed / projected)\n")
+        print("| training systems | " + " | ".join(efficiency) + " |\n|---|" + "---|" * len(efficiency))
+        for i, size in enumerate(args.sizes):
+            print(f"| {size} | " + " | ".join(f"{efficiency[n][i][1]:.2e} / {efficiency[n][i][2]:.2e}"
+                                           for n in efficiency) + " |")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The N-body benchmark's smallest setting (benchmarks/nbody.py --quick) as a regression check, with bounds loose
+enough for 3 epochs on 200 systems but able to fail."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch_geometric")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "nbody.py"
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    import torch
+
+    spec = importlib.util.spec_from_file_location("nbody_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    previous = torch.get_default_dtype()
+    try:
+        results = module.main(["--quick", "--out", str(tmp_path_factory.mktemp("nbody"))])
+    finally:
+        torch.set_default_dtype(previous)
+    return module, results
+
+
+@pytest.mark.parametrize("kind", ["symmetric", "field"])
+def test_quick_benchmark_learns_and_projects_to_exact_equivariance(quick, kind):
+    from equirelax.plugins.nbody import charged_nbody
+
+    module, results = quick
+    test = charged_nbody(100, seed=3000, field=module.FIELD if kind == "field" else None)
+    no_motion = float(np.mean((test.targets - test.positions) ** 2))
+    runs = results[kind]
+    assert set(runs) == set(module.CONTROLLERS)
+    for name, (run,) in runs.items():
+        for key in ("test_mse_relaxed", "test_mse_projected"):
+            assert math.isfinite(run[key]) and run[key] < 0.6 * no_motion, (name, key, run[key], no_motion)
+        assert run["equivariance_error_projected"] < 1e-5  # float32: the plain EGNN
+        assert len(run["validation"]) == 3 and run["seconds_per_epoch"] > 0
+        if name == "vanilla":
+            assert run["gamma"] == [] and run["test_mse_relaxed"] == run["test_mse_projected"]
+            continue
+        final = run["gamma"][-1]
+        assert len(final) == 4
+        if name.startswith("ace"):  # a learnable γ, pulled towards 0 by the dual variable
+            assert all(abs(g) < 1.5 for g in final.values())
+        else:
+            assert all(0.0 <= g <= 1.0 for g in final.values())
+        if name == "cr":
+            assert all(g == 0.0 for g in final.values())  # the triangular schedule ends at θ = 0
+        else:
+            assert run["equivariance_error_relaxed"] > 1e-3  # the branches with γ > 0 break the symmetry

@@ -48,9 +48,9 @@ def force_mae(model, batch) -> float:
 
 
 def load(path):
-    from nequip.model import ModelFromCheckpoint
+    from equirelax.plugins.nequip import load_checkpoint_models
 
-    return ModelFromCheckpoint(str(path))["sole_model"]
+    return load_checkpoint_models(path)["sole_model"]
 
 
 def main():

@@ -61,12 +61,9 @@ def column(rows, key) -> list[float]:
 
 
 def load(path):
-    from nequip.model import ModelFromCheckpoint
-    from nequip.utils.global_state import global_state_initialized, set_global_state
+    from equirelax.plugins.nequip import load_checkpoint_models
 
-    if not global_state_initialized():
-        set_global_state()
-    return ModelFromCheckpoint(str(path))["sole_model"]
+    return load_checkpoint_models(path)["sole_model"]
 
 
 @pytest.fixture(scope="module")

@@ -363,32 +363,21 @@ class NequipHost:
                 return run.directory / name
         raise CompareError("the run wrote no checkpoint (add a ModelCheckpoint callback to the config)")
 
-    @staticmethod
-    def _load(path: Path):
-        import warnings
-
-        from nequip.model import ModelFromCheckpoint
-        from nequip.utils.global_state import global_state_initialized, set_global_state
-
-        if not global_state_initialized():
-            set_global_state()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return ModelFromCheckpoint(str(path))["sole_model"]
-
     def models(self, run: Run) -> tuple:
-        from .nequip import export_checkpoint
-
         import torch
+
+        import equirelax
+
+        from .nequip import load_checkpoint_models
 
         checkpoint = self._checkpoint(run)
         epoch = torch.load(checkpoint, map_location="cpu", weights_only=False).get("epoch")
         run.model_epoch = None if epoch is None else int(epoch) + 1
-        model = self._load(checkpoint).to(self.device).eval()
+        model = load_checkpoint_models(checkpoint)["sole_model"].to(self.device).eval()
         if not run.relaxed:
             return model, None
-        exported_path = export_checkpoint(checkpoint, run.directory / "compare_exported.ckpt", "merge")
-        return self._load(exported_path).to(self.device).eval(), model
+        # the same model `equirelax export --host nequip` writes: the checkpoint's weights, branches merged
+        return equirelax.export(copy.deepcopy(model), mode="merge"), model
 
     def predict(self, model, frames):
         import torch

@@ -306,7 +306,7 @@ def main(argv=None) -> None:
 
 
 @contextlib.contextmanager
-def distributed_setup(args, find_unused_parameters: bool):
+def distributed_setup(args, session: MaceSession | None = None):
     """MACE's ``--distributed`` path, made to run on CPU (gloo) and with RECM.
 
     MACE initialises a process group only for CUDA/XPU and builds ``DDP(model,
@@ -330,7 +330,8 @@ def distributed_setup(args, find_unused_parameters: bool):
         if cpu:
             kwargs.pop("device_ids", None)
             a = ()
-        if find_unused_parameters:
+        handle = session.handle if session is not None else None  # relaxed before MACE wraps the model
+        if handle is not None and handle.controller.needs_probe:
             kwargs["find_unused_parameters"] = True
         return original(module, *a, **kwargs)
 
@@ -348,18 +349,14 @@ def _run(config, mace_argv) -> None:
     from mace import tools
     from mace.cli import run_train
 
-    from ..core.controllers import get_controller
-
     args = tools.build_default_arg_parser().parse_args(mace_argv)
     if config is None:
-        with distributed_setup(args, find_unused_parameters=False):
+        with distributed_setup(args):
             run_train.run(args)
         return
     session = MaceSession(config)
-    options = dict(config["options"], **({"epochs": 1} if config["controller"] == "cr" else {}))
-    probing = getattr(get_controller(config["controller"], **options), "needs_probe", False)
     try:
-        with distributed_setup(args, find_unused_parameters=probing), session.installed():
+        with distributed_setup(args, session), session.installed():
             run_train.run(args)
     except (ValueError, TypeError) as error:
         if str(error).startswith("equirelax:"):

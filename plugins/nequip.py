@@ -314,6 +314,19 @@ def _plain_training_module_kwargs() -> set:
     return set(inspect.signature(NequIPLightningModule.__init__).parameters) - {"self"}
 
 
+def load_checkpoint_models(checkpoint_path):
+    """NequIP's ``ModelFromCheckpoint`` (a ModuleDict; the single model is ``["sole_model"]``), with NequIP's
+    global state set up first as its own tools do; relaxed checkpoints need equirelax importable."""
+    from nequip.model import ModelFromCheckpoint
+    from nequip.utils.global_state import global_state_initialized, set_global_state
+
+    if not global_state_initialized():
+        set_global_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return ModelFromCheckpoint(str(checkpoint_path))
+
+
 def export_checkpoint(checkpoint_path, out_path, mode: str = "merge"):
     """Write a plain NequIP checkpoint from a relaxed one: branches merged (``merge``) or dropped (``drop``).
 
@@ -322,9 +335,6 @@ def export_checkpoint(checkpoint_path, out_path, mode: str = "merge"):
     inner model config, which ``nequip-package``, ``ModelFromCheckpoint`` and
     NequIP's calculators load without equirelax.
     """
-    from nequip.model import ModelFromCheckpoint
-    from nequip.utils.global_state import global_state_initialized, set_global_state
-
     if mode not in EXPORT_MODES:
         raise ValueError(f"equirelax: unknown export mode {mode!r}; choose one of {EXPORT_MODES}")
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
@@ -333,11 +343,7 @@ def export_checkpoint(checkpoint_path, out_path, mode: str = "merge"):
     if not isinstance(model_config, dict) or model_config.get("_target_") != TARGET:
         raise ValueError(f"equirelax: {checkpoint_path} is not a relaxed NequIP checkpoint (its model _target_ is "
                          f"{model_config.get('_target_') if isinstance(model_config, dict) else model_config!r})")
-    if not global_state_initialized():
-        set_global_state()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        models = ModelFromCheckpoint(str(checkpoint_path))
+    models = load_checkpoint_models(checkpoint_path)
     for graph_model in _submodels(models).values():
         export(graph_model, mode)
 

@@ -120,11 +120,11 @@ class CR(Controller):
         return {name: torch.cat([c.reshape(-1, c.shape[-1]) for c in layer.cached_inputs])
                 for name, layer in self.layers.items() if layer.cached_inputs}
 
-    def regulariser(self) -> torch.Tensor | None:
+    def regulariser(self, inputs: dict | None = None) -> torch.Tensor | None:
         """λ_reg · Σ_layers (√LD + √N) on the inputs cached during this step's forward."""
         total = None
         eps = self.options["eps"]
-        for name, x in self._inputs().items():
+        for name, x in (self._inputs() if inputs is None else inputs).items():
             A_in, A_out = self.generators[name]
             lie, norm = lie_derivative_terms(self.layers[name].branch, x, A_in, A_out)
             term = torch.sqrt(lie + eps) + torch.sqrt(norm + eps)
@@ -145,7 +145,7 @@ class CR(Controller):
             return None, {}
         if world_size() == 1:
             with torch.enable_grad():
-                reg = self.regulariser()
+                reg = self.regulariser(inputs)
                 params = [p for name in inputs for p in self.layers[name].branch.parameters() if p.requires_grad]
                 grads = torch.autograd.grad(reg, params, allow_unused=True)
             return reg.detach(), {p: g for p, g in zip(params, grads) if g is not None}

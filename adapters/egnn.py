@@ -23,6 +23,7 @@ from torch import nn
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import scatter
 
+from ..plugins.nbody import nbody_graph  # noqa: F401  (the model's inputs; kept importable from here)
 from .base import Adapter, LayerSpec
 
 
@@ -86,21 +87,6 @@ class EGNN(nn.Module):
         for block in self.blocks:
             h, x = block(h, x, v, edge_index, edge_attr)
         return x
-
-
-def nbody_graph(positions, velocities, charges):
-    """Batched fully connected graphs from ``[systems, n, 3]`` arrays/tensors: the EGNN N-body inputs
-    ``(h, x, v, edge_index, edge_attr)`` with h = |v| and a_ij = q_i q_j."""
-    positions, velocities, charges = (torch.as_tensor(a, dtype=torch.get_default_dtype())
-                                      for a in (positions, velocities, charges))
-    systems, n, _ = positions.shape
-    pairs = torch.tensor([(i, j) for i in range(n) for j in range(n) if i != j]).T        # [2, n(n-1)]
-    offsets = (torch.arange(systems) * n).repeat_interleave(pairs.shape[1])
-    edge_index = pairs.repeat(1, systems) + offsets
-    q = charges.reshape(-1, 1)
-    edge_attr = q[edge_index[0]] * q[edge_index[1]]
-    v = velocities.reshape(-1, 3)
-    return v.norm(dim=-1, keepdim=True), positions.reshape(-1, 3), v, edge_index, edge_attr
 
 
 class EGNNAdapter(Adapter):

@@ -1,5 +1,5 @@
-"""The N-body benchmark's smallest setting (benchmarks/nbody.py --quick) as a regression check, with bounds loose
-enough for 3 epochs on 200 systems but able to fail."""
+"""The N-body benchmark's smallest setting (benchmarks/nbody.py --quick, EGNN and the e3nn model) as a regression
+check, with bounds loose enough for 3 epochs on 200 systems but able to fail."""
 
 import importlib.util
 import math
@@ -13,8 +13,8 @@ pytest.importorskip("torch_geometric")
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "nbody.py"
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory):
+@pytest.fixture(scope="module", params=["egnn", "steerable"])
+def quick(request, tmp_path_factory):
     import torch
 
     spec = importlib.util.spec_from_file_location("nbody_benchmark", SCRIPT)
@@ -22,17 +22,17 @@ def quick(tmp_path_factory):
     spec.loader.exec_module(module)
     previous = torch.get_default_dtype()
     try:
-        results = module.main(["--quick", "--out", str(tmp_path_factory.mktemp("nbody"))])
+        results = module.main(["--quick", "--model", request.param, "--out", str(tmp_path_factory.mktemp("nbody"))])
     finally:
         torch.set_default_dtype(previous)
-    return module, results
+    return module, request.param, results
 
 
 @pytest.mark.parametrize("kind", ["symmetric", "field"])
 def test_quick_benchmark_learns_and_projects_to_exact_equivariance(quick, kind):
     from equirelax.plugins.nbody import charged_nbody
 
-    module, results = quick
+    module, model, results = quick
     test = charged_nbody(100, seed=3000, field=module.FIELD if kind == "field" else None)
     no_motion = float(np.mean((test.targets - test.positions) ** 2))
     runs = results[kind]
@@ -40,13 +40,13 @@ def test_quick_benchmark_learns_and_projects_to_exact_equivariance(quick, kind):
     for name, (run,) in runs.items():
         for key in ("test_mse_relaxed", "test_mse_projected"):
             assert math.isfinite(run[key]) and run[key] < 0.6 * no_motion, (name, key, run[key], no_motion)
-        assert run["equivariance_error_projected"] < 1e-5  # float32: the plain EGNN
+        assert run["equivariance_error_projected"] < 1e-5  # float32: the plain (or exported) equivariant model
         assert len(run["validation"]) == 3 and run["seconds_per_epoch"] > 0
         if name == "vanilla":
             assert run["gamma"] == [] and run["test_mse_relaxed"] == run["test_mse_projected"]
             continue
         final = run["gamma"][-1]
-        assert len(final) == 4
+        assert len(final) == (4 if model == "egnn" else 8)  # EGNN blocks; the e3nn model's linears and products
         if name.startswith("ace"):  # a learnable γ, pulled towards 0 by the dual variable
             assert all(abs(g) < 1.5 for g in final.values())
         else:

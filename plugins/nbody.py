@@ -83,3 +83,23 @@ def charged_nbody(n_systems: int, *, seed: int = 0, field=None, n_particles: int
     positions, velocities = simulate(positions, velocities, charges, start, **settings)
     targets, _ = simulate(positions, velocities, charges, horizon, **settings)
     return NBodyData(positions, velocities, charges, targets)
+
+
+def nbody_graph(positions, velocities, charges, node_charges: bool = False):
+    """Batched fully connected graphs from ``[systems, n, 3]`` arrays/tensors: the EGNN N-body inputs
+    ``(h, x, v, edge_index, edge_attr)`` with h = |v| (``node_charges``: h = (|v|, q)) and a_ij = q_i q_j."""
+    import torch  # noqa: PLC0415  (the generator itself needs numpy only)
+
+    positions, velocities, charges = (torch.as_tensor(a, dtype=torch.get_default_dtype())
+                                      for a in (positions, velocities, charges))
+    systems, n, _ = positions.shape
+    pairs = torch.tensor([(i, j) for i in range(n) for j in range(n) if i != j]).T        # [2, n(n-1)]
+    offsets = (torch.arange(systems) * n).repeat_interleave(pairs.shape[1])
+    edge_index = pairs.repeat(1, systems) + offsets
+    q = charges.reshape(-1, 1)
+    edge_attr = q[edge_index[0]] * q[edge_index[1]]
+    v = velocities.reshape(-1, 3)
+    h = v.norm(dim=-1, keepdim=True)
+    if node_charges:
+        h = torch.cat([h, q], dim=-1)
+    return h, positions.reshape(-1, 3), v, edge_index, edge_attr

@@ -166,6 +166,34 @@ def test_recm_keeps_relaxation_where_the_symmetry_is_broken():
     assert all(levels[n] <= min(1.0, metrics[f"recm/gap/{n}"]) + 0.1 for n in levels)
 
 
+def _recm_finite_run(kind, correction, n=256, batch=64, epochs=300):
+    """RECM over epochs of a fixed training set of ``n`` samples: K = n / batch steps per epoch."""
+    torch.manual_seed(0)
+    model = gated_e3nn_model()
+    handle = equirelax.relax(model, "recm", finite_sample_correction=correction)
+    opt = handle.wrap(torch.optim.Adam(model.parameters(), 1e-2))
+    x, y = make_task(kind, n, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        for rows in torch.randperm(n, generator=generator).split(batch):
+            opt.zero_grad()
+            (model(x[rows]) - y[rows]).pow(2).mean().backward()
+            opt.step()
+        handle.epoch_end()
+    return handle
+
+
+def test_recm_discounts_the_gap_of_a_finite_training_set():
+    # 256 symmetric samples: their own orientations leave a gap the uncorrected estimate takes for a broken symmetry
+    corrected = _recm_finite_run("symmetric", True)
+    uncorrected = _recm_finite_run("symmetric", False)
+    assert all(int(layer.state("epoch_steps")) == 4 for layer in corrected.layers.values())
+    assert all(g > 0.25 for g in uncorrected.levels().values()), uncorrected.levels()
+    assert all(g < 0.15 for g in corrected.levels().values()), corrected.levels()
+    # a real broken symmetry is far above that floor and keeps its level
+    assert all(g > 0.5 for g in _recm_finite_run("field", True).levels().values())
+
+
 # ---------------------------------------------------------------------- state
 @pytest.mark.parametrize(
     "controller,options",

@@ -29,6 +29,7 @@ def test_unknown_controller_option(model):
         ("ace", {"form": "strict"}, "form"),
         ("recm", {"beta": 1.5}, "beta"),
         ("recm", {"probe_every": 1}, "probe_every"),
+        ("recm", {"finite_sample_correction": "yes"}, "finite_sample_correction"),
     ],
 )
 def test_bad_controller_options(model, controller, options, message):

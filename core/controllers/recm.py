@@ -18,7 +18,7 @@ State (m_i, v_i, n_i), EMAs with rate β over probing steps, bias-corrected:
     m ← βm + (1−β)P⊥G      v ← βv + (1−β)‖P⊥G‖²      n ← βn + (1−β)‖G‖²
 Gap estimate, debiased for the noise an EMA of zero-mean terms keeps
 (c_t = (1−β)(1+β^t) / ((1+β)(1−β^t)): 1 at t = 1, (1−β)/(1+β) as t → ∞):
-    s² = max(0, ‖m̂‖² − c_t v̂) / (n̂ + ε)       (s ∈ [0, 1])
+    s² = max(0, ‖m̂‖² − c_t v̂) / (n̂ + ε)       (s ∈ [0, 1]; see below for the finite-set term)
 Modulation, a contraction with fixed point min(1, s/τ):
     γ ← clip[(1−α)γ + α·min(1, ŝ/τ), 0, 1]
 where ŝ = sign(s²)·√|s²| uses the debiased s² *before* clipping at 0, so the
@@ -27,9 +27,15 @@ so once s_i settles, γ_i converges to min(1, s_i/τ): bounded by the gap, and
 → 0 where the layer's input–target distribution is symmetric.
 
 A finite training set is never exactly symmetric: its orientation sampling
-leaves a small gap that this estimator sees (and which a model can overfit).
-With a few thousand samples γ then settles at a small positive level instead
-of 0; the projected/exported model is the equivariant one either way.
+leaves a gap of its own, which the EMA over many epochs converges to (and which
+a model can overfit). An epoch of K steps partitions the training set into K
+batches, so that gap has expected size σ²/K, where σ² = v̂ − ‖m̂‖² is the
+spread of one batch's P⊥G about the mean. It is subtracted as well, so that γ
+follows the gap of the data *distribution*:
+    s² = max(0, ‖m̂‖² − c_t v̂ − (v̂ − ‖m̂‖²)/K) / (n̂ + ε)
+K is counted between ``epoch_end`` calls. The term is applied with
+``finite_sample_correction: true`` (off by default: it needs several batches
+per epoch, and with one it has no spread to measure) and once an epoch has ended.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from .base import Controller
 class RECM(Controller):
     name = "recm"
     defaults = {"beta": 0.98, "alpha": 0.02, "tau": 1.0, "probe_every": 4, "eps": 1e-20,
-                "gamma0": 1.0}
+                "gamma0": 1.0, "finite_sample_correction": False}
     needs_probe = True
 
     def validate(self):
@@ -56,6 +62,9 @@ class RECM(Controller):
         every = self.options["probe_every"]
         if not isinstance(every, int) or isinstance(every, bool) or every < 2:
             raise ValueError(f"equirelax: recm option 'probe_every' must be an integer >= 2, got {every!r}")
+        if not isinstance(self.options["finite_sample_correction"], bool):
+            raise ValueError("equirelax: recm option 'finite_sample_correction' must be true or false, got "
+                             f"{self.options['finite_sample_correction']!r}")
         if not 0 <= self.options["gamma0"] <= 1:
             raise ValueError(f"equirelax: recm option 'gamma0' must be in [0, 1], got {self.options['gamma0']!r}")
 
@@ -71,6 +80,9 @@ class RECM(Controller):
             layer.add_state("t", torch.zeros((), dtype=layer.gamma.dtype))
             layer.add_state("gap", torch.zeros((), dtype=layer.gamma.dtype))
             layer.add_state("steps", torch.zeros((), dtype=torch.long))
+            # optimizer steps in the last finished epoch (0: none finished yet) and the step count at its end
+            layer.add_state("epoch_steps", torch.zeros((), dtype=torch.long))
+            layer.add_state("epoch_start", torch.zeros((), dtype=torch.long))
         self.steps = 0
         self._set_probing()
 
@@ -86,6 +98,14 @@ class RECM(Controller):
         for layer in self.layers.values():
             layer.state("steps").fill_(self.steps)
         self._set_probing()
+
+    @hookimpl
+    def equirelax_epoch_end(self, handle, epoch):
+        for layer in self.layers.values():
+            start, count = layer.state("epoch_start"), layer.state("epoch_steps")
+            done = layer.state("steps") - start
+            count.copy_(torch.where(done > 0, done, count))
+            start.copy_(layer.state("steps"))
 
     @hookimpl
     def equirelax_load_state_dict(self, handle, state):
@@ -118,7 +138,14 @@ class RECM(Controller):
                 noise = (1 - beta) * (1 + beta**t_new) / ((1 + beta) * correction)
                 m_hat_sq = m_new.pow(2).sum() / correction**2
                 # signed: zero-mean noise in the debiased estimate averages out in γ instead of piling up at 0
-                signed_sq = (m_hat_sq - noise * v_new / correction) / (n_new / correction + eps)
+                v_hat = v_new / correction
+                excess = m_hat_sq - noise * v_hat
+                if self.options["finite_sample_correction"]:
+                    # the training set's own gap: the mean of K batches' zero-mean spread (K = 0: unknown yet)
+                    batches = layer.state("epoch_steps").to(excess.dtype)
+                    inverse = torch.where(batches > 0, 1 / batches.clamp(min=1), torch.zeros_like(batches))
+                    excess = excess - torch.clamp(v_hat - m_hat_sq, min=0) * inverse
+                signed_sq = excess / (n_new / correction + eps)
                 signed_gap = torch.sign(signed_sq) * torch.sqrt(signed_sq.abs())
                 gap = torch.clamp(signed_gap, min=0)
                 target = torch.clamp(signed_gap / tau, max=1.0)

@@ -56,13 +56,14 @@ benchmark: $(NEQUIP_ENV)/.installed
 	$(NEQUIP_ENV)/bin/python benchmarks/nequip_speed.py
 	$(NEQUIP_ENV)/bin/python benchmarks/nequip_finetune.py
 	$(NEQUIP_ENV)/bin/python benchmarks/nbody.py --train 1000 --test 500 --epochs 200 --seeds 0 1 2 \
-		--kinds field --sizes 250 500 1000 --threads 1 --out nbody-field & \
+		--kinds field --sizes 250 500 1000 --threads 1 --out nbody-field & first=$$!; \
 	$(NEQUIP_ENV)/bin/python benchmarks/nbody.py --train 1000 --test 500 --epochs 200 --seeds 0 1 2 \
-		--kinds symmetric --threads 1 --out nbody-symmetric & wait
+		--kinds symmetric --threads 1 --out nbody-symmetric & second=$$!; wait $$first && wait $$second
 	$(NEQUIP_ENV)/bin/python benchmarks/nbody.py --model steerable --train 500 --test 500 --epochs 120 \
-		--seeds 0 1 --kinds field --threads 1 --out nbody-steerable-field & \
+		--seeds 0 1 --kinds field --threads 1 --out nbody-steerable-field & first=$$!; \
 	$(NEQUIP_ENV)/bin/python benchmarks/nbody.py --model steerable --train 500 --test 500 --epochs 120 \
-		--seeds 0 1 --kinds symmetric --threads 1 --out nbody-steerable-symmetric & wait
+		--seeds 0 1 --kinds symmetric --threads 1 --out nbody-steerable-symmetric & second=$$!; \
+		wait $$first && wait $$second
 	$(NEQUIP_ENV)/bin/python benchmarks/nbody.py --train 3000 --test 1000 --epochs 400 --seeds 0 \
 		--kinds symmetric --controllers vanilla --threads 1 --out nbody-vanilla-3000
 

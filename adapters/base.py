@@ -30,14 +30,18 @@ class Adapter:
     """Knows a host model family: which layers to relax, how, and how to merge back."""
 
     name = "base"
+    # the module classes this adapter relaxes; adapters that choose layers by other rules override the two below
+    layer_types: tuple = ()
 
     def matches(self, model: nn.Module) -> bool:
         """True when this adapter should be chosen automatically for ``model``."""
-        return False
+        return bool(self.layer_types) and any(isinstance(m, self.layer_types) for m in model.modules())
 
     def candidates(self, model: nn.Module) -> dict:
         """``{qualified name: module}`` of every layer this adapter can relax."""
-        raise NotImplementedError
+        if not self.layer_types:
+            raise NotImplementedError
+        return {name: m for name, m in model.named_modules() if isinstance(m, self.layer_types)}
 
     def default_targets(self, model: nn.Module) -> dict:
         return self.candidates(model)

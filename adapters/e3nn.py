@@ -22,12 +22,7 @@ RELAXABLE = (o3.Linear, o3.TensorProduct)
 
 class E3nnAdapter(Adapter):
     name = "e3nn"
-
-    def matches(self, model):
-        return any(isinstance(m, RELAXABLE) for m in model.modules())
-
-    def candidates(self, model):
-        return {name: m for name, m in model.named_modules() if isinstance(m, RELAXABLE)}
+    layer_types = RELAXABLE
 
     def default_targets(self, model):
         """Every candidate except the tensor products inside e3nn's own activations (``e3nn.nn.Gate``)."""

@@ -91,12 +91,7 @@ class EGNN(nn.Module):
 
 class EGNNAdapter(Adapter):
     name = "egnn"
-
-    def matches(self, model):
-        return any(isinstance(m, CoordinateUpdate) for m in model.modules())
-
-    def candidates(self, model):
-        return {name: m for name, m in model.named_modules() if isinstance(m, CoordinateUpdate)}
+    layer_types = (CoordinateUpdate,)
 
     def spec(self, module):
         if not isinstance(module, CoordinateUpdate):

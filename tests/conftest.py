@@ -45,7 +45,20 @@ def dense_matrix(linear):
     return linear(eye).T.detach()
 
 
-__all__ = ["o3", "train", "dense_matrix"]
+def nbody_e3_error(model, inputs) -> float:
+    """Largest deviation of an N-body model ``(h, x, v, edges, attr) → positions`` from E(3) equivariance, over
+    3 random O(3) elements and a shift."""
+    from equirelax.core.irreps import random_rotations
+
+    h, x, v, edges, attr = inputs
+    with torch.no_grad():
+        reference = model(h, x, v, edges, attr)
+        shift = torch.tensor([0.4, -1.0, 2.5])
+        return max(float((model(h, x @ R.T + shift, v @ R.T, edges, attr) - (reference @ R.T + shift)).abs().max())
+                   for R in random_rotations(3, "O3", dtype=x.dtype, generator=torch.Generator().manual_seed(1)))
+
+
+__all__ = ["o3", "train", "dense_matrix", "nbody_e3_error"]
 
 
 @pytest.fixture
@@ -56,3 +69,8 @@ def train_loop():
 @pytest.fixture
 def dense():
     return dense_matrix
+
+
+@pytest.fixture
+def e3_error():
+    return nbody_e3_error

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import equirelax
-from equirelax.core.irreps import random_rotations
 from equirelax.plugins.nbody import charged_nbody, nbody_graph
 from equirelax.plugins.nbody_e3nn import SteerableNBody
 
@@ -23,16 +22,6 @@ def _model():
     return SteerableNBody("8x0e + 4x1o", layers=2, hidden=8)
 
 
-def _e3_error(model, graph) -> float:
-    h, x, v, edges, attr = graph
-    with torch.no_grad():
-        reference = model(h, x, v, edges, attr)
-        shift = torch.tensor([0.4, -1.0, 2.5])
-        errors = [float((model(h, x @ R.T + shift, v @ R.T, edges, attr) - (reference @ R.T + shift)).abs().max())
-                  for R in random_rotations(3, "O3", dtype=x.dtype, generator=torch.Generator().manual_seed(1))]
-    return max(errors)
-
-
 def test_graph_carries_the_charges_as_node_scalars_on_request():
     data = charged_nbody(2, seed=0, start=10, horizon=10)
     plain = nbody_graph(data.positions, data.velocities, data.charges)
@@ -42,8 +31,8 @@ def test_graph_carries_the_charges_as_node_scalars_on_request():
     assert torch.equal(charged[0][:, 1], torch.as_tensor(data.charges.reshape(-1)))
 
 
-def test_model_is_e3_equivariant(graph):
-    assert _e3_error(_model(), graph) < 1e-10
+def test_model_is_e3_equivariant(graph, e3_error):
+    assert e3_error(_model(), graph) < 1e-10
 
 
 def test_model_rejects_hidden_irreps_without_even_scalars():
@@ -66,13 +55,13 @@ def test_relaxed_model_with_branches_off_is_the_host_model_bit_for_bit(graph):
         assert torch.equal(model(*graph), expected)
 
 
-def test_relaxed_breaks_symmetry_and_export_restores_it(graph):
+def test_relaxed_breaks_symmetry_and_export_restores_it(graph, e3_error):
     model = _model()
     equirelax.relax(model, "fixed", init="random", init_std=0.1)
-    assert _e3_error(model, graph) > 1e-3
+    assert e3_error(model, graph) > 1e-3
     with pytest.warns(UserWarning, match="could not merge"):  # tensor-product branches are dropped
         equirelax.export(model)
-    assert _e3_error(model, graph) < 1e-10
+    assert e3_error(model, graph) < 1e-10
     assert not any(type(m).__module__.startswith("equirelax.core") for m in model.modules())
 
 

@@ -58,6 +58,11 @@ class E3nnAdapter(Adapter):
         raise TypeError(f"equirelax: the e3nn adapter cannot relax {type(module).__name__}")
 
     @staticmethod
+    def _weight_instructions(linear) -> list:
+        """The instructions that own weights; bias instructions (``i_in == -1``) have no input irrep."""
+        return [ins for ins in linear.instructions if ins.i_in != -1]
+
+    @staticmethod
     def _path_scales(linear) -> list[float]:
         """The factor each instruction applies to its weight, read off the layer itself.
 
@@ -65,16 +70,17 @@ class E3nnAdapter(Adapter):
         through the layer's own forward gives the factor whatever the version.
         """
         probe = copy.deepcopy(linear).to(device="cpu", dtype=torch.float64)
+        no_bias = torch.zeros(linear.bias_numel, dtype=torch.float64)  # the trained bias must not enter the factor
         scales = []
         offset = 0
         slices_in = linear.irreps_in.slices()
         slices_out = linear.irreps_out.slices()
-        for ins in linear.instructions:
+        for ins in E3nnAdapter._weight_instructions(linear):
             weight = torch.zeros(linear.weight_numel, dtype=torch.float64)
             weight[offset] = 1.0
             x = torch.zeros(linear.irreps_in.dim, dtype=torch.float64)
             x[slices_in[ins.i_in].start] = 1.0
-            y = probe(x, weight)
+            y = probe(x, weight, no_bias)
             scales.append(float(y[slices_out[ins.i_out].start]))
             offset += ins.path_shape[0] * ins.path_shape[1]
         return scales
@@ -91,7 +97,7 @@ class E3nnAdapter(Adapter):
         covered = torch.zeros(projector.shape, dtype=torch.bool)
         delta = torch.zeros(linear.weight_numel, dtype=torch.float64)
         offset = 0
-        for ins, scale in zip(linear.instructions, scales):
+        for ins, scale in zip(self._weight_instructions(linear), scales):
             mul_in, mul_out = ins.path_shape
             d = irreps_in[ins.i_in].ir.dim
             block = weight[slices_out[ins.i_out], slices_in[ins.i_in]].to(torch.float64)

@@ -244,7 +244,8 @@ class RelaxHandle:
     # ------------------------------------------------------------------ modes
     @contextlib.contextmanager
     def mode(self, mode: str):
-        """Temporarily evaluate the model as ``"projected"`` (branch replaced by P(branch)),
+        """Temporarily evaluate the model as ``"projected"`` (branch replaced by its exact equivariant part
+        P(branch), the model ``export`` returns; MLP branches have none and are dropped),
         ``"equivariant"`` (γ := 0) or ``"relaxed"``."""
         previous = {name: layer.mode for name, layer in self.layers.items()}
         for layer in self.layers.values():
@@ -421,8 +422,8 @@ def export(model: nn.Module, mode: str = "merge", *, inplace: bool = True) -> nn
         if mode == "merge":
             if isinstance(layer.branch, LINEAR_KINDS) and layer.mergeable:
                 with torch.no_grad():
-                    weight = layer.gamma.detach() * layer.projector(layer.branch.weight.detach())
-                    weight = weight[:, : layer.feature_dim]  # raw-position columns do not merge
+                    weight = layer.gamma.detach() * layer.equivariant_weight(layer.branch.weight.detach())
+                    weight = weight[:, : layer.feature_dim]  # raw-position columns are zero after projection
                 get_adapter(layer.adapter).merge(layer, weight)
             else:
                 dropped.append(name)

@@ -7,7 +7,7 @@ from torch import nn
 
 from .branches import LINEAR_KINDS, LinearBranch
 from .irreps import CARTESIAN_TO_E3NN, as_irreps
-from .projection import HaarProjector, mc_project
+from .projection import HaarProjector
 
 MODES = ("relaxed", "projected", "equivariant")
 
@@ -51,7 +51,6 @@ class RelaxedLayer(nn.Module):
         self.adapter = adapter
         self.mergeable = mergeable
         self.mode = "relaxed"
-        self.projection_samples = 32
         value = torch.tensor(float(gamma))
         if learnable_gamma:
             self.gamma = nn.Parameter(value)
@@ -128,18 +127,30 @@ class RelaxedLayer(nn.Module):
             x = torch.cat([x.expand(*shape, x.shape[-1]), positions.expand(*shape, 3)], dim=-1)
         return x
 
+    @property
+    def has_projection(self) -> bool:
+        """Whether the branch has an exact equivariant part (a linear map; MLP branches have none)."""
+        return isinstance(self.branch, LINEAR_KINDS)
+
+    def equivariant_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """P(W) under E(3): the Haar projection, with raw-position columns zeroed (a linear map of raw
+        positions is never translation invariant). This is what projected mode applies and export merges."""
+        projected = self.projector(weight)
+        if self.uses_positions:
+            projected = torch.cat([projected[:, : self.feature_dim],
+                                   projected.new_zeros(projected.shape[0], weight.shape[1] - self.feature_dim)], 1)
+        return projected
+
     def projected_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """``P(f_neq)(x)``: closed form for linear branches, Monte Carlo otherwise."""
-        if isinstance(self.branch, LINEAR_KINDS):
-            return nn.functional.linear(x, self.projector(self.branch.weight))
-        value, _ = mc_project(
-            self.branch, x, self.branch_irreps_in, self.irreps_out, n_samples=self.projection_samples, group=self.group
-        )
-        return value
+        """``P(f_neq)(x)`` for linear branches (closed form, deterministic); a branch without an exact
+        equivariant part (MLP) is dropped, as export drops it."""
+        if not self.has_projection:
+            return x.new_zeros(*x.shape[:-1], self.irreps_out.dim)
+        return nn.functional.linear(x, self.equivariant_weight(self.branch.weight))
 
     def probing_branch(self, x: torch.Tensor) -> torch.Tensor:
         """γ·P(W)x: the equivariant part the branch learned, kept on probing steps (not trained there)."""
-        weight = self.gamma.detach().to(x.dtype) * self.projector(self.branch.weight.detach())
+        weight = self.gamma.detach().to(x.dtype) * self.equivariant_weight(self.branch.weight.detach())
         return nn.functional.linear(x, weight)
 
     # ----------------------------------------------------------------- forward

@@ -145,10 +145,40 @@ def test_position_fed_branch_breaks_symmetry_and_needs_positions():
     assert error.layers["0"]["mean"] > 1e-3
     with handle.projected():
         projected = linear(x)
+        # E(3) projection: a linear map of raw positions is never translation invariant, so it is zero
+        handle.set_positions(positions + torch.tensor([3.0, -1.0, 0.5]))
+        assert torch.equal(linear(x), projected)
     equirelax.export(linear)
-    # raw-position columns do not merge: the exported layer is the projected feature part only
     assert equirelax.equivariance_error(linear, x, irreps_in="2x0e+1x1o", irreps_out="1x0e+1x1o").max < 1e-10
-    assert projected.shape == linear(x).shape
+    assert torch.allclose(linear(x), projected, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("biases", [True, [True, False]])
+def test_biased_linear_merges_and_stays_equivariant(biases):
+    model = torch.nn.Sequential(o3.Linear("2x0e+1x1o", "2x0e+1x1o", biases=biases))
+    model.irreps_in, model.irreps_out = o3.Irreps("2x0e+1x1o"), o3.Irreps("2x0e+1x1o")
+    with torch.no_grad():
+        model[0].bias.normal_()  # a trained bias must stay and must not enter the path factors
+    handle = equirelax.relax(model, "fixed", init="random", init_std=0.5)
+    x = torch.randn(20, 5)
+    with handle.projected():
+        projected = model(x)
+    equirelax.export(model)
+    assert isinstance(model[0], o3.Linear)
+    assert torch.allclose(model(x), projected, atol=1e-10, rtol=0)
+    assert equirelax.equivariance_error(model, x, n_rotations=5).max <= 1e-10
+
+
+def test_projected_mode_of_an_mlp_branch_is_deterministic_equivariant_and_the_export(model):
+    handle, x = _trained(model, branch="mlp", steps=10)
+    with handle.projected():
+        first, second = model(x), model(x)
+        error = equirelax.equivariance_error(model, x, n_rotations=5)
+    assert torch.equal(first, second)
+    assert error.max <= 1e-6
+    with pytest.warns(UserWarning, match="could not merge"):
+        equirelax.export(model)
+    assert torch.allclose(model(x), first, atol=1e-12, rtol=0)
 
 
 def equivariance_error_with_positions(model, x, handle):

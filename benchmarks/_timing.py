@@ -14,6 +14,8 @@ import torch
 
 import equirelax
 
+TIMING_BUDGET = 10**6  # the budget controllers pace themselves by; a timing run takes only a few of its steps
+
 
 def seconds_per_step(step, steps: int, sync, warmup: int = 2) -> float:
     for _ in range(warmup):

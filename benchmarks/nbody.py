@@ -44,11 +44,9 @@ CONTROLLERS = {
     "vanilla": None,
     "fixed": ("fixed", {}),
     "cr": ("cr", {}),
-    "ace": ("ace", {"dual_lr": 8e-4}),
-    # ρ prices relaxation in loss units: the N-body MSE is ~1e-2, so ρ = 1 would make any γ cost more than
-    # the whole task loss and drive γ to 0 (equality ACE in effect); ρ = 1e-2 puts the two on one scale
-    "ace-resilient": ("ace-resilient", {"dual_lr": 8e-4, "rho": 1e-2}),
-    "recm": ("recm", {"finite_sample_correction": True}),
+    "ace": ("ace", {}),  # every controller at its defaults, paced by the run's budget
+    "ace-resilient": ("ace-resilient", {}),
+    "recm": ("recm", {}),
 }
 
 
@@ -106,7 +104,8 @@ def train(name, data, seed, epochs, model_name="egnn", batch=100):
     if CONTROLLERS[name] is not None:
         controller, options = CONTROLLERS[name]
         options = {**options, "epochs": epochs} if controller == "cr" else options
-        handle = equirelax.relax(model, controller, **relax_options, **options)
+        handle = equirelax.relax(model, controller, total_steps=epochs * -(-n_train // batch), **relax_options,
+                                 **options)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-12)
     if handle is not None:
         handle.wrap(optimizer)

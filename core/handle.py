@@ -92,11 +92,13 @@ class RelaxHandle:
         self.plugins.load_setuptools_entrypoints(hookspecs.PROJECT)
         self.hook = self.plugins.hook
         self.epoch = 0
+        self.step = 0  # optimizer steps taken (mirrored in each layer's ctrl_step buffer for checkpoints)
         self._finite = None
         self._reported_nonfinite = 0
         self._wrapped = []
         for layer in layers.values():
             layer.add_state("epoch", torch.zeros((), dtype=torch.long))
+            layer.add_state("step", torch.zeros((), dtype=torch.long))
             layer.add_state("nonfinite", torch.zeros((), dtype=torch.long))
             layer.relax_config = {**config, "controller": controller.name, "options": dict(controller.options)}
             layer._handle = self
@@ -138,21 +140,58 @@ class RelaxHandle:
         handle.resync()
         return handle
 
+    # ----------------------------------------------------------------- budget
+    @property
+    def total_steps(self) -> int | None:
+        """The run's total number of optimizer steps (None: not known yet)."""
+        return self.config.get("total_steps")
+
+    def set_total_steps(self, total_steps: int | None):
+        """Tell the controllers the run's budget in optimizer steps (host plugins call this at train start)."""
+        if total_steps is not None and (not isinstance(total_steps, int) or isinstance(total_steps, bool)
+                                        or total_steps < 1):
+            raise ValueError(f"equirelax: total_steps must be a positive integer, got {total_steps!r}")
+        self.config["total_steps"] = total_steps
+        for layer in self.layers.values():
+            if layer.relax_config is not None:
+                layer.relax_config["total_steps"] = total_steps
+
+    def require_total_steps(self, who: str) -> int:
+        """The budget, or a clear error naming the two ways to give it."""
+        if self.total_steps is None:
+            raise ValueError(
+                f"equirelax: {who} needs the run's total number of optimizer steps to finish within it; pass "
+                f"relax(..., total_steps=T) or call handle.set_total_steps(T) before training (the MACE and "
+                f"NequIP plugins fill it in from the trainer)"
+            )
+        return self.total_steps
+
     # ---------------------------------------------------------------- reading
     def levels(self) -> dict:
         """γ of every relaxed layer, as floats (reads from the device)."""
         return {name: float(layer.gamma.detach()) for name, layer in self.layers.items()}
 
+    def breaking(self) -> dict:
+        """The symmetry map: per layer, ‖γ·P⊥f_neq(x)‖ / ‖f_eq(x)‖ on the last training batch (see
+        ``RelaxedLayer.breaking``). Unlike γ, which the branch's weights can offset, this measures how far
+        each layer's output is from equivariant. Layers not trained yet are left out."""
+        values = {name: layer.breaking() for name, layer in self.layers.items()}
+        return {name: value for name, value in values.items() if value is not None}
+
     def parameters(self):
-        """Parameters equirelax added: branch weights and learnable γ."""
+        """Parameters equirelax added: branch weights, learnable γ and RECM's probe weights."""
         for layer in self.layers.values():
             yield from layer.branch.parameters()
             if isinstance(layer.gamma, nn.Parameter):
                 yield layer.gamma
+            for name in ("probe_A", "probe_B"):
+                if layer._parameters.get(name) is not None:
+                    yield layer._parameters[name]
 
     def metrics(self) -> dict:
         """Scalars to log: γ per layer plus the controller's own (λ, slack, gap, θ)."""
         metrics = {f"gamma/{name}": value for name, value in self.levels().items()}
+        metrics.update({f"breaking/{name}": value for name, value in self.breaking().items()})
         for extra in self.hook.equirelax_metrics(handle=self):
             metrics.update(extra or {})
         metrics["nonfinite_steps"] = self._first().state("nonfinite").item()
@@ -181,8 +220,6 @@ class RelaxHandle:
 
     def _gradients_finite(self) -> torch.Tensor:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        for layer in self.layers.values():
-            grads.extend(p.grad for p in layer.probes if p.grad is not None)
         if not grads:
             finite = torch.ones((), dtype=torch.bool, device=self._first().gamma.device)
         else:  # one fused reduction; a NaN/inf anywhere makes its tensor's norm non-finite
@@ -211,6 +248,9 @@ class RelaxHandle:
     def after_step(self):
         """Call after ``optimizer.step()``."""
         finite = self._finite if self._finite is not None else self._gradients_finite()
+        self.step += 1
+        for layer in self.layers.values():
+            layer.state("step").fill_(self.step)
         self.hook.equirelax_after_optimizer_step(handle=self, finite=finite)
         self._finite = None
         self._clear_step()
@@ -238,6 +278,7 @@ class RelaxHandle:
     def resync(self, epoch: int | None = None):
         """Re-read Python-side state from the layers' buffers (after a host loaded a checkpoint into the model)."""
         self.epoch = int(self._first().state("epoch")) if epoch is None else int(epoch)
+        self.step = int(self._first().state("step"))
         self._reported_nonfinite = int(self._first().state("nonfinite"))
         self.hook.equirelax_load_state_dict(handle=self, state={})
 
@@ -299,6 +340,7 @@ class RelaxHandle:
             **self.signature(),
             "options": dict(self.controller.options),
             "epoch": self.epoch,
+            "total_steps": self.total_steps,
             "reported_nonfinite": self._reported_nonfinite,
             "layer_state": layers,
             "extra": extra,
@@ -323,6 +365,9 @@ class RelaxHandle:
                     buf.copy_(value)
         self.controller.options = dict(state["options"])
         self.epoch = int(state["epoch"])
+        self.step = int(self._first().state("step"))
+        if "total_steps" in state:
+            self.set_total_steps(state["total_steps"])
         self._reported_nonfinite = int(state.get("reported_nonfinite", 0))
         self.hook.equirelax_load_state_dict(handle=self, state=state.get("extra", {}))
 
@@ -343,6 +388,7 @@ def relax(
     positions: bool = False,
     on_nonfinite: str = "warn",
     rank: int | None = None,
+    total_steps: int | None = None,
     **controller_options,
 ) -> RelaxHandle:
     """Patch ``model`` in place: each target layer becomes ``f_eq(x) + γ·f_neq(x)``.
@@ -356,6 +402,8 @@ def relax(
         Cartesian positions (see ``RelaxHandle.set_positions``).
     init: ``"zero"`` leaves the model's output unchanged at step 0 (for pretrained
         models); ``"random"`` draws small branch weights (std ``init_std``), as in the papers.
+    total_steps: the run's number of optimizer steps. ACE and RECM pace themselves to end
+        within it (the MACE and NequIP plugins fill it in); ``handle.set_total_steps`` sets it later.
     """
     from ..adapters import find_adapter, get_adapter
 
@@ -391,8 +439,11 @@ def relax(
             layer.to(device=reference.device, dtype=reference.dtype if reference.is_floating_point() else None)
         _set_submodule(model, name, layer)
         layers[name] = layer
-    config = {"branch": branch, "rank": rank, "init": init, "group": group, "positions": positions, "on_nonfinite": on_nonfinite}
-    return RelaxHandle(model, layers, ctrl, chosen_adapter, config)
+    config = {"branch": branch, "rank": rank, "init": init, "group": group, "positions": positions,
+              "on_nonfinite": on_nonfinite, "total_steps": None}
+    handle = RelaxHandle(model, layers, ctrl, chosen_adapter, config)
+    handle.set_total_steps(total_steps)
+    return handle
 
 
 EXPORT_MODES = ("merge", "drop")

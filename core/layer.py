@@ -10,6 +10,7 @@ from .irreps import CARTESIAN_TO_E3NN, as_irreps
 from .projection import HaarProjector
 
 MODES = ("relaxed", "projected", "equivariant")
+SAMPLE_ROWS = 256
 
 
 class RelaxedLayer(nn.Module):
@@ -57,10 +58,10 @@ class RelaxedLayer(nn.Module):
         else:
             self.register_buffer("gamma", value)
         self.capture_inputs = False
-        self.use_probe = False
-        self.probing = False  # training step that runs the equivariant part alone (set by RECM)
+        self.probing = False  # a RECM probing step: the probe weight stands in for the branch (set by RECM)
+        self.probe_sums: tuple | None = None  # (⟨P⊥V_a x, P⊥V_b x⟩, ‖P⊥(V_a − V_b)x‖²/2, ‖f_eq(x)‖²) last probe
         self.cached_inputs: list[torch.Tensor] = []
-        self.probes: list[torch.Tensor] = []
+        self.sample: tuple[torch.Tensor, torch.Tensor] | None = None  # (branch input, f_eq output) rows, last step
         self._positions: torch.Tensor | None = None
         self._projector: HaarProjector | None = None
         self._handle = None  # the RelaxHandle driving this layer (not saved with the model)
@@ -148,54 +149,107 @@ class RelaxedLayer(nn.Module):
             return x.new_zeros(*x.shape[:-1], self.irreps_out.dim)
         return nn.functional.linear(x, self.equivariant_weight(self.branch.weight))
 
-    def probing_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """γ·P(W)x: the equivariant part the branch learned, kept on probing steps (not trained there)."""
-        weight = self.gamma.detach().to(x.dtype) * self.equivariant_weight(self.branch.weight.detach())
-        return nn.functional.linear(x, weight)
+    def breaking_sums(self, x: torch.Tensor, relaxed_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖γ·P⊥f_neq(x)‖², ‖f_eq(x)‖²) over the rows, from the branch input and the relaxed output."""
+        with torch.no_grad():
+            gamma = self.gamma.detach().to(x.dtype)
+            if self.has_projection:
+                weight = self.branch.weight.detach()
+                full, off = nn.functional.linear(x, weight), nn.functional.linear(x, weight - self.equivariant_weight(weight))
+            else:
+                full = off = self.branch(x)
+            base_out = relaxed_out.detach() - gamma * full
+            return (gamma * off).pow(2).sum(), base_out.pow(2).sum()
+
+    def breaking(self, x: torch.Tensor | None = None, base_out: torch.Tensor | None = None) -> float | None:
+        """How non-equivariant the layer's output is: ‖γ·P⊥f_neq(x)‖ / ‖f_eq(x)‖ over the rows, i.e. the
+        relaxed output's distance from the output of the model export ships, relative to the host layer's
+        own output (an MLP branch has no equivariant part: all of it counts). Default rows: the last
+        training step's. None before any training step."""
+        if x is None:
+            if self.__dict__.get("sample") is None:  # also a layer pickled before samples were kept
+                return None
+            x, base_out = self.sample
+        with torch.no_grad():
+            gamma = self.gamma.detach().to(x.dtype)
+            if self.has_projection:
+                weight = self.branch.weight.detach()
+                off = nn.functional.linear(x, weight - self.equivariant_weight(weight))
+            else:
+                off = self.branch(x)
+            denominator = base_out.pow(2).sum()
+            numerator = (gamma * off).pow(2).sum()
+            return float(torch.sqrt(numerator / denominator)) if float(denominator) > 0 else float("nan")
+
+    def add_probe_weight(self, rank: int):
+        """Two maps V = B·A of rank ``rank`` (B zero, A random: V starts at zero) whose non-equivariant parts
+        replace the branch's on probing steps, each fed one half of the batch's rows: their noise is
+        independent, so ⟨V_a x, V_b x⟩ measures the correction the data asks for without the noise (see RECM).
+        A low rank keeps them from fitting a finite training set's own noise. Maps that exist already (a
+        handle re-attached to a copied or loaded model) keep their trained values."""
+        if self._parameters.get("probe_A") is not None:
+            return
+        d_out, d_in = self.irreps_out.dim, self.branch_irreps_in.dim
+        generator = torch.Generator().manual_seed(0)
+        A = torch.randn(2, rank, d_in, generator=generator, dtype=torch.float64) / d_in**0.5
+        B = torch.zeros(2, d_out, rank, dtype=torch.float64)
+        for name, value in (("probe_A", A), ("probe_B", B)):
+            self.register_parameter(name, nn.Parameter(value.to(dtype=self.gamma.dtype, device=self.gamma.device)))
+
+    @property
+    def probe_weight(self) -> torch.Tensor | None:
+        """The two probe maps [2, d_out, d_in] (None: no RECM on this layer)."""
+        A, B = self._parameters.get("probe_A"), self._parameters.get("probe_B")
+        return None if A is None else B @ A
+
+    def probing_forward(self, out: torch.Tensor, x: torch.Tensor, recording: bool) -> torch.Tensor:
+        """f_eq(x) + γ·P(W)x + P⊥(V)x: the branch's equivariant part kept (not trained here) and its
+        non-equivariant part replaced by a probe map V (V_a on the first half of the rows, V_b on the
+        rest), trained at full strength whatever γ is."""
+        weight = (self.gamma.detach().to(x.dtype) * self.equivariant_weight(self.branch.weight.detach())
+                  if self.has_projection else None)
+        V = self.probe_weight
+        off = V - torch.stack([self.equivariant_weight(V[0]), self.equivariant_weight(V[1])])
+        rows = x.reshape(-1, x.shape[-1])
+        first, second = nn.functional.linear(rows, off[0]), nn.functional.linear(rows, off[1])
+        half = rows.shape[0] // 2
+        correction = torch.cat([first[:half], second[half:]]).reshape(*x.shape[:-1], -1)
+        if recording:
+            first, second = first.detach(), second.detach()
+            self.probe_sums = ((first * second).sum(), (first - second).pow(2).sum() / 2, out.detach().pow(2).sum())
+        out = out + correction
+        return out if weight is None else out + nn.functional.linear(x, weight)
 
     # ----------------------------------------------------------------- forward
     def forward(self, *args, **kwargs):
         out = self.base(*args, **kwargs)
         recording = self.training and torch.is_grad_enabled()
-        probing = self.probing and self.training
-        if self.mode == "equivariant" and not (recording and probing and self.use_probe):
+        probing = self.probing and self.training and self._parameters.get("probe_A") is not None
+        if self.mode == "equivariant" and not probing:
             return out
         x = self.branch_input(args)
         if recording and self.capture_inputs:
             self.cached_inputs.append(x.detach())
-        probe = None
-        if recording and self.use_probe:
-            # a zero matrix whose gradient is dL/dW of a virtual linear branch, whatever γ is
-            probe = torch.zeros(self.irreps_out.dim, x.shape[-1], dtype=x.dtype, device=x.device, requires_grad=True)
-            self.probes.append(probe)
         if probing:
-            out = out + self.probing_branch(x) if isinstance(self.branch, LINEAR_KINDS) else out
-            return out if probe is None else out + nn.functional.linear(x, probe)
-        if self.mode == "equivariant":
-            return out if probe is None else out + nn.functional.linear(x, probe)
+            return self.probing_forward(out, x, recording)
+        if recording:  # a few rows, for the symmetry-breaking level (a copy, not a view)
+            self.sample = (x.detach()[:SAMPLE_ROWS].clone(), out.detach()[:SAMPLE_ROWS].clone())
         gamma = self.gamma.to(out.dtype)
         if self.mode == "projected":
             return out + gamma * self.projected_branch(x)
         if type(self.branch) is LinearBranch:  # fused: scale the small matrix, not the activations
-            weight = gamma * self.branch.weight
-            if probe is not None:
-                weight = weight + probe
-            return out + nn.functional.linear(x, weight)
-        delta = gamma * self.branch(x)
-        if probe is not None:
-            delta = delta + nn.functional.linear(x, probe)
-        return out + delta
+            return out + nn.functional.linear(x, gamma * self.branch.weight)
+        return out + gamma * self.branch(x)
 
     def __getstate__(self):
         # per-step caches and device-side index copies are not part of a saved model
         state = self.__dict__.copy()
-        state.update(cached_inputs=[], probes=[], _positions=None, _projector=None, _handle=None)
-        state.update(probing=False, use_probe=False)  # a saved model is never mid-probe; RECM sets it on resume
+        state.update(cached_inputs=[], _positions=None, _projector=None, _handle=None, sample=None, probe_sums=None)
+        state.update(probing=False)  # a saved model is never mid-probe; RECM sets it on resume
         return state
 
     def clear_step_cache(self):
         self.cached_inputs.clear()
-        self.probes.clear()
 
     def extra_repr(self) -> str:
         return (

@@ -7,6 +7,7 @@ reported too. Rotations and representation matrices come from e3nn.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -138,3 +139,33 @@ def equivariance_error(
                 layer_errors[name].append(_relative_error((layer_out,), expected, (output,)))
     per_layer_result = {name: {"mean": sum(v) / len(v), "max": max(v)} for name, v in layer_errors.items()}
     return EquivarianceError(mean=sum(errors) / len(errors), max=max(errors), layers=per_layer_result)
+
+
+@contextlib.contextmanager
+def symmetry_breaking(model: nn.Module):
+    """Measure the symmetry map over every forward pass inside the block: yields a dict that holds, on exit,
+    per relaxed layer ``‖γ·P⊥f_neq(x)‖ / ‖f_eq(x)‖`` summed over all rows seen (see ``RelaxedLayer.breaking``).
+    Layers must be in relaxed mode."""
+    from .layer import RelaxedLayer
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, RelaxedLayer)}
+    sums = {name: [0.0, 0.0] for name in layers}
+
+    def hook(name):
+        def record(module, args, output):
+            if module.mode != "relaxed":
+                return
+            off, base = module.breaking_sums(module.branch_input(args), output)
+            sums[name][0] += float(off)
+            sums[name][1] += float(base)
+
+        return record
+
+    result: dict = {}
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        yield result
+    finally:
+        for h in handles:
+            h.remove()
+        result.update({name: (off / base) ** 0.5 for name, (off, base) in sums.items() if base > 0})

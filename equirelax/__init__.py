@@ -17,11 +17,13 @@ from .core import (
     hookimpl,
     mc_project,
     relax,
+    symmetry_breaking,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EquivarianceError", "HaarProjector", "RelaxHandle", "RelaxedLayer", "available_controllers",
-    "equivariance_error", "export", "hookimpl", "mc_project", "relax", "__version__",
+    "equivariance_error", "export", "hookimpl", "mc_project", "relax", "symmetry_breaking",
+    "__version__",
 ]

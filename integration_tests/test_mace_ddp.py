@@ -16,7 +16,7 @@ import yaml  # noqa: E402
 from equirelax.plugins.data import write_emt_dataset  # noqa: E402
 
 HERE = Path(__file__).parent
-CASES = {"recm": {"probe_every": 2, "alpha": 0.2}, "cr": {"reg_weight": 0.1}, "ace-resilient": {"dual_lr": 0.05}}
+CASES = {"recm": {}, "cr": {"reg_weight": 0.1}, "ace-resilient": {}}
 CONFIG = {
     "name": "ddp", "seed": 3, "train_file": "train.xyz", "valid_fraction": 0.2, "E0s": "average", "model": "MACE",
     "hidden_irreps": "8x0e + 8x1o", "r_max": 4.0, "num_radial_basis": 4, "num_cutoff_basis": 3, "max_L": 1,

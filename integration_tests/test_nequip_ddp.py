@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from equirelax.plugins.data import write_emt_dataset  # noqa: E402
 from equirelax.plugins.nequip_config import model_config, training_config, write_config  # noqa: E402
 
-CASES = {"recm": {"probe_every": 2, "alpha": 0.2}, "cr": {"reg_weight": 0.1}, "ace-resilient": {"dual_lr": 0.05}}
+CASES = {"recm": {}, "cr": {"reg_weight": 0.1}, "ace-resilient": {}}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def ddp_runs(tmp_path_factory):
             relax={"controller": controller, "options": options, "init": "random"},
             callbacks=[{"_target_": "rank_state.SaveRankState", "directory": str(directory)}],
         )
-        # RECM's probing steps leave the branches out of the graph, which DDP must be told about
+        # RECM's probing steps leave the branches out of the graph (and its probe maps out of the others)
         config["trainer"].update(devices=2, strategy="ddp_find_unused_parameters_true" if controller == "recm"
                                  else "ddp")
         write_config(directory, "config", config)
@@ -63,6 +63,6 @@ def test_every_rank_holds_identical_weights_and_controller_state(ddp_runs, contr
     assert controller_state  # γ, λ / slack / RECM statistics all compared above
     if controller == "recm":
         assert all(g < 0.99 for g in gammas.values())  # RECM moved γ: its reduced statistics were used
-        assert all(float(rank0[k.replace(".gamma", ".ctrl_t")]) >= 2 for k in gammas)
+        assert all(float(rank0[k.replace(".gamma", ".ctrl_gap_weight")]) > 0 for k in gammas)  # it probed
     if controller == "cr":
         assert len(set(gammas.values())) == 1

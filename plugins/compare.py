@@ -19,7 +19,7 @@ training time per epoch and peak memory. Written to ``OUT``:
     report.md       table and a short reading of the result
     results.json    every number of the table, plus the per-epoch curves
     validation.png  validation force MAE per epoch, every run
-    gamma.png       γ per layer over training, every relaxed run
+    gamma.png       γ and the symmetry breaking per layer over training, every relaxed run
 
 A run that fails is reported in the table with its error; the others go on. The
 exit status is 1 when a run failed, 0 otherwise. Relative paths in the config
@@ -65,6 +65,7 @@ class Run:
     peak_memory_mb: float | None = None
     peak_gpu_memory_mb: float | None = None
     gamma: dict = field(default_factory=dict)
+    breaking: dict = field(default_factory=dict)  # the symmetry map on the test set: ‖γ·P⊥f_neq‖ / ‖f_eq‖ per layer
     model_epoch: int | None = None  # epochs trained by the evaluated (host's saved) model
     test: dict = field(default_factory=dict)  # {"equivariant": metrics, "relaxed": metrics}
     curves: dict = field(default_factory=dict)
@@ -130,6 +131,15 @@ def _read_reference(frames, energy_key: str, forces_key: str):
     return energies, forces
 
 
+def _layer_curves(curves: dict, row: dict, epoch: int) -> None:
+    """γ and symmetry breaking per layer from one logged row (``equirelax/gamma/<layer>``, ``equirelax/breaking/…``)."""
+    for key, value in row.items():
+        for quantity in ("gamma", "breaking"):
+            prefix = f"equirelax/{quantity}/"
+            if key.startswith(prefix) and value not in (None, ""):
+                curves[quantity].setdefault(key[len(prefix):], []).append([epoch, float(value)])
+
+
 def _relaxed_levels(model) -> dict:
     from ..core.layer import RelaxedLayer
 
@@ -187,7 +197,7 @@ class MaceHost:
 
     def curves(self, run: Run) -> dict:
         files = sorted((run.directory / "results").glob("*_train.txt"))
-        curves = {"epoch": [], "val_force_mae": [], "gamma": {}}
+        curves = {"epoch": [], "val_force_mae": [], "gamma": {}, "breaking": {}}
         if not files:
             return curves
         for line in files[-1].read_text().splitlines():
@@ -199,9 +209,7 @@ class MaceHost:
             epoch = 0 if row.get("epoch") is None else int(row["epoch"]) + 1
             curves["epoch"].append(epoch)
             curves["val_force_mae"].append(1000.0 * row["mae_f"] if "mae_f" in row else None)
-            for key, value in row.items():
-                if key.startswith("equirelax/gamma/"):
-                    curves["gamma"].setdefault(key[len("equirelax/gamma/"):], []).append([epoch, value])
+            _layer_curves(curves, row, epoch)
         return curves
 
     def models(self, run: Run) -> tuple:
@@ -332,7 +340,7 @@ class NequipHost:
     def curves(self, run: Run) -> dict:
         import csv
 
-        curves = {"epoch": [], "val_force_mae": [], "gamma": {}}
+        curves = {"epoch": [], "val_force_mae": [], "gamma": {}, "breaking": {}}
         path = run.directory / "csv" / "version_0" / "metrics.csv"
         if not path.exists():
             return curves
@@ -347,9 +355,7 @@ class NequipHost:
             if force_column and row.get(force_column):
                 curves["epoch"].append(epoch)
                 curves["val_force_mae"].append(1000.0 * float(row[force_column]))
-            for key, value in row.items():
-                if key.startswith("equirelax/gamma/") and value:
-                    curves["gamma"].setdefault(key[len("equirelax/gamma/"):], []).append([epoch, float(value)])
+            _layer_curves(curves, row, epoch)
         return curves
 
     def _checkpoint(self, run: Run) -> Path:
@@ -464,8 +470,12 @@ def _finish(host, run: Run, frames, reference) -> None:
     equivariant, relaxed = host.models(run)
     run.test["equivariant"] = _evaluate(host, equivariant, frames, reference)
     if relaxed is not None:
-        run.test["relaxed"] = _evaluate(host, relaxed, frames, reference)
+        from ..core.metrics import symmetry_breaking
+
+        with symmetry_breaking(relaxed) as breaking:
+            run.test["relaxed"] = _evaluate(host, relaxed, frames, reference)
         run.gamma = _relaxed_levels(relaxed)
+        run.breaking = breaking
 
 
 def compare(host_name: str, config_path: Path, out: Path, controllers=DEFAULT_CONTROLLERS, *, epochs=None,
@@ -587,12 +597,12 @@ def _metric(run: dict, model: str, key: str):
 def table(results: dict) -> str:
     header = ("| run | status | force MAE (meV/Å): equivariant / relaxed | force RMSE: equivariant / relaxed "
               "| energy MAE (meV/atom): equivariant / relaxed | equivariance error (forces): equivariant / relaxed "
-              "| model epoch | γ per layer | s / epoch | peak memory (MB) |")
-    lines = [header, "|" + "---|" * 10]
+              "| model epoch | γ per layer | symmetry breaking per layer | s / epoch | peak memory (MB) |")
+    lines = [header, "|" + "---|" * 11]
     prefix = _common_prefix([name for run in results["runs"] for name in run["gamma"]])
     for run in results["runs"]:
         if run["status"] != "ok":
-            lines.append(f"| {run['name']} | **failed**: {run['error']} | - | - | - | - | - | - | - | - |")
+            lines.append(f"| {run['name']} | **failed**: {run['error']} | - | - | - | - | - | - | - | - | - |")
             continue
 
         def pair(key, spec=".1f"):
@@ -600,13 +610,16 @@ def table(results: dict) -> str:
 
         eq = [(run["test"].get(m) or {}).get("equivariance_error", {}).get("forces") for m in ("equivariant", "relaxed")]
         gamma = ", ".join(f"{name[len(prefix):]}: {value:.3f}" for name, value in run["gamma"].items()) or "-"
+        breaking = ", ".join(f"{name[len(prefix):]}: {value:.3f}"
+                             for name, value in (run.get("breaking") or {}).items()) or "-"
         memory = _fmt(run["peak_memory_mb"], ".0f")
         if run.get("peak_gpu_memory_mb") is not None:
             memory += f" (GPU {run['peak_gpu_memory_mb']:.0f})"
         lines.append(
             f"| {run['name']} | ok | {pair('force_mae_mev_per_a')} | {pair('force_rmse_mev_per_a')} "
             f"| {pair('energy_mae_mev_per_atom', '.2f')} | {_fmt(eq[0], '.1e')} / {_fmt(eq[1], '.1e')} "
-            f"| {_fmt(run['model_epoch'], 'd')} | {gamma} | {_fmt(run['seconds_per_epoch'], '.2f')} | {memory} |"
+            f"| {_fmt(run['model_epoch'], 'd')} | {gamma} | {breaking} | {_fmt(run['seconds_per_epoch'], '.2f')} "
+            f"| {memory} |"
         )
     return "\n".join(lines)
 
@@ -733,13 +746,17 @@ def _plots(results: dict, out: Path) -> list[str]:
 
     relaxed = [run for run in ok if run["curves"].get("gamma")]
     if relaxed:
-        figure, axes = plt.subplots(1, len(relaxed), figsize=(3.2 * len(relaxed), 3.2), squeeze=False, sharey=True)
-        for axis, run in zip(axes[0], relaxed):
-            for layer, points in run["curves"]["gamma"].items():
-                axis.plot(*zip(*points), marker=".", label=layer)
-            axis.set_title(run["name"])
-            axis.set_xlabel("epoch")
+        # top row γ, bottom row the symmetry map ‖γ·P⊥f_neq‖ / ‖f_eq‖ (what γ means for the layer's output)
+        figure, axes = plt.subplots(2, len(relaxed), figsize=(3.2 * len(relaxed), 6.0), squeeze=False, sharey="row")
+        for column, run in enumerate(relaxed):
+            for row, quantity in enumerate(("gamma", "breaking")):
+                axis = axes[row][column]
+                for layer, points in (run["curves"].get(quantity) or {}).items():
+                    axis.plot(*zip(*points), marker=".", label=layer)
+                axis.set_xlabel("epoch")
+            axes[0][column].set_title(run["name"])
         axes[0][0].set_ylabel("γ")
+        axes[1][0].set_ylabel("symmetry breaking")
         axes[0][-1].legend(fontsize="x-small")
         figure.tight_layout()
         figure.savefig(out / "gamma.png", dpi=100)

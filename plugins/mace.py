@@ -112,6 +112,15 @@ class MaceSession:
         self.handle = None
         self.probe_batch = None
 
+    @staticmethod
+    def total_steps(args, train_loader) -> int | None:
+        """Optimizer steps of the whole run: MACE steps once per batch for max_num_epochs (restarts
+        included: the step count comes back with the checkpoint)."""
+        try:
+            return int(args.max_num_epochs) * len(train_loader) or None
+        except TypeError:  # a loader without a length
+            return None
+
     # ---------------------------------------------------------------- patches
     def configure_model(self, original):
         def configure_model(args, train_loader, *rest, **kwargs):
@@ -128,7 +137,7 @@ class MaceSession:
                 check_schedule_fits(options.get("epochs"), args.max_num_epochs, "MACE", "max_num_epochs")
             self.handle = equirelax.relax(
                 model, c["controller"], targets=c.get("targets"), branch=c["branch"], init=c["init"],
-                adapter="mace", **extra, **options,
+                adapter="mace", total_steps=self.total_steps(args, train_loader), **extra, **options,
             )
             logging.info(f"equirelax: relaxed {sorted(self.handle.layers)} with controller {c['controller']!r}")
             with contextlib.suppress(StopIteration, TypeError):
@@ -311,9 +320,9 @@ def distributed_setup(args, session: MaceSession | None = None):
 
     MACE initialises a process group only for CUDA/XPU and builds ``DDP(model,
     device_ids=[local_rank])``, which a CPU model refuses; on CPU this opens a
-    gloo group (from torchrun's environment) and leaves ``device_ids`` out. RECM's
-    probing steps train without the branches, so DDP is told that some
-    parameters may go unused in a step.
+    gloo group (from torchrun's environment) and leaves ``device_ids`` out. On RECM's
+    probing steps its probe maps stand in for the branches and on the others they
+    rest, so DDP is told that some parameters may go unused in a step.
     """
     if not getattr(args, "distributed", False):
         yield

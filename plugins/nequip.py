@@ -208,8 +208,11 @@ class EquirelaxCallback(_lightning_callback_base()):
 
     def on_train_start(self, trainer, pl_module):
         self.handles = relaxed_handles(pl_module.model)
+        stepping = trainer.estimated_stepping_batches  # optimizer steps of the whole run (Lightning's estimate)
+        total_steps = int(stepping) if stepping not in (None, float("inf")) and stepping > 0 else None
         for handle in self.handles.values():
             _set_cr_epochs(handle, trainer.max_epochs)
+            handle.set_total_steps(total_steps)
             handle.resync()  # a resumed run's γ, λ and statistics came back with the weights
         for optimizer in trainer.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(self._after_step))

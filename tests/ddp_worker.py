@@ -10,8 +10,7 @@ import torch
 import equirelax
 from equirelax.core.synthetic import gated_e3nn_model, make_task
 
-CONTROLLERS = [("fixed", {}), ("cr", {"epochs": 3}), ("ace", {"augmented": 1.0, "dual_lr": 0.05}),
-               ("ace-resilient", {"dual_lr": 0.05}), ("recm", {"probe_every": 2, "alpha": 0.2})]
+CONTROLLERS = [("fixed", {}), ("cr", {"epochs": 3}), ("ace", {}), ("ace-resilient", {}), ("recm", {})]
 BRANCHES = ("linear", "mlp")
 STEPS, EPOCHS, GLOBAL_BATCH = 4, 2, 32
 
@@ -28,7 +27,8 @@ def train(controller, options, branch, rank=0, world=1):
 def _train(controller, options, branch, rank, world):
     torch.manual_seed(0)
     model = gated_e3nn_model()
-    handle = equirelax.relax(model, controller, branch=branch, init="random", init_std=0.1, **options)
+    handle = equirelax.relax(model, controller, branch=branch, init="random", init_std=0.1,
+                            total_steps=STEPS * EPOCHS, **options)
     net = model
     if world > 1:
         # RECM's probing steps leave the branches out of the graph: DDP must be told some may be unused

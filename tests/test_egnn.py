@@ -51,7 +51,7 @@ def test_gamma_zero_is_egnn_bit_for_bit_and_a_random_branch_breaks_symmetry(grap
 def test_relaxed_egnn_trains_on_nbody_data(graph, controller, options):
     (h, x, v, edges, attr), targets = graph
     model = _egnn()
-    handle = equirelax.relax(model, controller, branch="mlp", **options)
+    handle = equirelax.relax(model, controller, branch="mlp", total_steps=100, **options)
     optimizer = handle.wrap(torch.optim.Adam(model.parameters(), lr=5e-3))
     losses = []
     for epoch in range(4):

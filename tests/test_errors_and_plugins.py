@@ -27,9 +27,11 @@ def test_unknown_controller_option(model):
         ("cr", {"schedule": "cosine", "epochs": 3}, "schedule"),
         ("ace", {"dual_lr": -1.0}, "dual_lr"),
         ("ace", {"form": "strict"}, "form"),
-        ("recm", {"beta": 1.5}, "beta"),
+        ("ace", {"dual": "adam"}, "dual"),
+        ("cr", {"epochs": 3, "regulariser": "l2"}, "regulariser"),
+        ("recm", {"tau": -1.0}, "tau"),
         ("recm", {"probe_every": 1}, "probe_every"),
-        ("recm", {"finite_sample_correction": "yes"}, "finite_sample_correction"),
+        ("recm", {"gamma0": 2.0}, "gamma0"),
     ],
 )
 def test_bad_controller_options(model, controller, options, message):
@@ -87,7 +89,7 @@ def _nan_step(model, handle, opt):
 @pytest.mark.parametrize("controller", ["ace", "ace-resilient", "recm"])
 def test_nan_loss_is_skipped_by_the_controller_and_reported(model, controller, train_loop):
     x, y = make_task("field", 128)
-    handle = equirelax.relax(model, controller, **({"probe_every": 2} if controller == "recm" else {}))
+    handle = equirelax.relax(model, controller, total_steps=10, **({"probe_every": 2} if controller == "recm" else {}))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     handle.wrap(opt)
     train_loop(model, handle, x, y, steps=4, optimizer=opt)
@@ -95,7 +97,7 @@ def test_nan_loss_is_skipped_by_the_controller_and_reported(model, controller, t
     _nan_step(model, handle, opt)
     after = handle.state_dict()["layer_state"]["0"]
     for key, value in before.items():
-        if key not in ("gamma", "ctrl_steps"):  # γ is a host parameter for ACE; steps counts optimizer steps
+        if key not in ("gamma", "ctrl_steps", "ctrl_step"):  # γ is a host parameter for ACE; steps count steps
             assert torch.equal(after[key], value), key
     assert all(torch.isfinite(v).all() for k, v in after.items() if k != "gamma")
     with pytest.warns(RuntimeWarning, match="1 training step.*non-finite"):
@@ -200,7 +202,7 @@ def test_metrics_plugin_sees_every_hook(model, train_loop):
             return {"logger/calls": len(calls)}
 
     x, y = make_task("symmetric", 64)
-    handle = equirelax.relax(model, "ace")
+    handle = equirelax.relax(model, "ace", total_steps=2)
     handle.plugins.register(Logger())
     train_loop(model, handle, x, y, steps=2)
     handle.epoch_end()
@@ -229,7 +231,7 @@ def _schedule_longer_than_training(model):
 BAD_INPUT = {
     "unknown controller": (lambda m: equirelax.relax(m, "acme"), "unknown controller 'acme'"),
     "negative dual learning rate": (lambda m: equirelax.relax(m, "ace", dual_lr=-0.1), "'dual_lr' must be"),
-    "negative RECM rate": (lambda m: equirelax.relax(m, "recm", alpha=-0.1), "'alpha' must be in (0, 1)"),
+    "negative RECM horizon": (lambda m: equirelax.relax(m, "recm", horizon=-0.1), "'horizon' must be a number > 0"),
     "schedule longer than training": (_schedule_longer_than_training, "runs over 50 epochs but MACE stops after"),
     "targets matching nothing": (lambda m: equirelax.relax(m, "ace", targets=["nothing.*"]),
                                  "matched no relaxable layer"),

@@ -1,5 +1,6 @@
 """equivariance_error: zero for e3nn models, positive for relaxed ones, per layer, invariant and vector outputs."""
 
+import pytest
 import torch
 
 import equirelax
@@ -43,3 +44,50 @@ def test_parity_is_checked_for_o3_but_not_so3():
     kwargs = dict(irreps_in="1o", irreps_out="1e", n_rotations=8, generator=torch.Generator().manual_seed(1))
     assert equirelax.equivariance_error(model, x, group="SO3", **kwargs).max < 1e-12
     assert equirelax.equivariance_error(model, x, group="O3", **kwargs).max > 1.0
+
+
+def _one_step(model, handle, x, y):
+    opt = handle.wrap(torch.optim.SGD(model.parameters(), lr=0.0))
+    opt.zero_grad()
+    (model(x) - y).pow(2).mean().backward()
+    opt.step()
+
+
+def test_breaking_measures_the_non_equivariant_output_not_gamma(model):
+    from equirelax.core.synthetic import make_task
+
+    x, y = make_task("field", 64)
+    handle = equirelax.relax(model, "fixed", init="random", init_std=0.3)
+    assert handle.breaking() == {}  # nothing measured before a training step
+    _one_step(model, handle, x, y)
+    first = handle.breaking()
+    layer = handle.layers["0"]
+    # by hand: ‖γ (W − P(W)) x‖ / ‖f_eq(x)‖ on the step's rows
+    W = layer.branch.weight.detach()
+    off = x @ (W - layer.projector(W)).T
+    with torch.no_grad():
+        base = layer.base(x)
+    assert first["0"] == pytest.approx(float(off.norm() / base.norm()), rel=1e-10)
+    # γ halved, W doubled: the same function, the same level (γ alone would have halved)
+    with torch.no_grad():
+        layer.gamma.mul_(0.5)
+        layer.branch.weight.mul_(2.0)
+    _one_step(model, handle, x, y)
+    assert handle.breaking()["0"] == pytest.approx(first["0"], rel=1e-10)
+    # an equivariant branch breaks nothing, whatever γ is
+    with torch.no_grad():
+        layer.branch.weight.copy_(layer.projector(layer.branch.weight))
+    _one_step(model, handle, x, y)
+    assert handle.breaking()["0"] < 1e-12 and handle.metrics()["breaking/0"] < 1e-12
+
+
+def test_breaking_of_an_mlp_branch_counts_all_of_it(model):
+    from equirelax.core.synthetic import make_task
+
+    x, y = make_task("field", 64)
+    handle = equirelax.relax(model, "fixed", branch="mlp", init="random", init_std=0.3, gamma=0.5)
+    _one_step(model, handle, x, y)
+    layer = handle.layers["0"]
+    with torch.no_grad():
+        expected = float((0.5 * layer.branch(x)).norm() / layer.base(x).norm())
+    assert handle.breaking()["0"] == pytest.approx(expected, rel=1e-10)

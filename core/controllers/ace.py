@@ -1,14 +1,36 @@
 """ACE: adaptive constrained equivariance (Manolache, Chamon, Niepert, NeurIPS 2025).
 
-One learnable γ_i per layer (trained by the host optimizer) and a dual variable
-λ_i. The dual terms enter as gradients on γ after backward (∇_γ Σλ_iγ_i = λ, or
-λ·sign γ in the resilient form), so the host loss is untouched.
+One learnable γ_i per layer and a dual variable λ_i. The Lagrangian is
+J(θ, γ) + Σ λ_i γ_i (equality: the model must end equivariant) or, resilient,
+J + Σ λ_i(|γ_i| − u_i) + (ρ/2)‖u‖² (partial symmetry: γ keeps a slack u_i).
 
-equality:   γ ← γ − η_p(∇_γ J + λ)      λ ← λ + η_d γ
-resilient:  γ ← γ − η_p(∇_γ J + λ sign γ)
-            λ ← [λ + η_d(|γ| − u)]_+     u = λ/ρ
-An optional augmented-Lagrangian weight c adds c·γ (equality) or c·(|γ| − u)_+·sign γ
-(resilient) to the γ gradient, which damps the primal–dual oscillation.
+Default dynamics (``dual="budget"``): the primal step on γ is split. The host
+optimizer applies the task gradient ∂J/∂γ; the controller then takes the
+proximal step of the constraint terms (multiplier plus an augmented term) in
+γ's own units, and ascends λ:
+
+    z   = γ − u                       (equality: u = 0, λ free sign; resilient: on |γ|, λ ≥ 0)
+    λ  ← λ + k_i z                    (resilient: [·]_+)
+    z  ← (z − λ)/(1 + c)              (augmented proximal step; resilient: c acts on z > 0 only)
+
+This is a primal–dual (PI) loop on the constraint violation whose gains come
+from the run's budget T: a double pole at r = 1 − 1/N_t with the horizon
+N_t = 2 + horizon·(T − t) shrinking with the steps left, i.e. 1/(1+c) = r²,
+k_i = (1 − r)²/r² (critically damped: no oscillation). Why: the host optimizer
+moves γ by about its learning rate per step (Adam), so dual terms that only
+enter γ's gradient need ≳ 1/lr steps to act (1000 at lr 1e-3, more than a
+75-step fine-tune) and, undamped, oscillate for tens of thousands of steps
+(measured in BENCHMARKS.md). The split acts at any learning rate and loss
+scale, lets γ follow the task early (a long horizon) and ends at γ ≈ 0.
+
+Resilient slack: u_i = min(1, κ_i/ρ), κ_i ∈ [0, 1] the consistency with which
+the task gradient asks to grow |γ_i| (noise-debiased EMA mean over RMS of
+∂J/∂γ_i over the same horizon): the paper's equilibrium |γ| = |∂J/∂γ|/ρ with
+ρ measured against the gradient's own scale, so one ρ works for any loss scale.
+
+``dual="gradient"`` is the papers' form, for reproducing the reference: the
+dual terms enter γ's gradient (λ, or λ·sign γ), λ ← λ + η_d γ (resilient:
+[λ + η_d(|γ| − u)]_+ with u = λ/ρ), optional augmented weight c.
 """
 
 from __future__ import annotations
@@ -19,17 +41,21 @@ from ..hookspecs import hookimpl
 from .base import Controller
 
 FORMS = ("equality", "resilient")
+DUALS = ("budget", "gradient")
 
 
 class ACE(Controller):
     name = "ace"
-    defaults = {"form": "equality", "dual_lr": 1e-3, "rho": 1.0, "augmented": 0.0, "gamma0": 1.0}
+    defaults = {"form": "equality", "dual": "budget", "horizon": 0.25, "rho": 1.0, "gamma0": 1.0,
+                "dual_lr": 1e-3, "augmented": 0.0}
     learnable_gamma = True
 
     def validate(self):
         if self.options["form"] not in FORMS:
             raise ValueError(f"equirelax: ace option 'form' must be one of {FORMS}, got {self.options['form']!r}")
-        self._positive("dual_lr", "rho")
+        if self.options["dual"] not in DUALS:
+            raise ValueError(f"equirelax: ace option 'dual' must be one of {DUALS}, got {self.options['dual']!r}")
+        self._positive("dual_lr", "rho", "horizon")
         self._positive("augmented", allow_zero=True)
 
     def initial_gamma(self) -> float:
@@ -39,14 +65,84 @@ class ACE(Controller):
     def resilient(self) -> bool:
         return self.options["form"] == "resilient"
 
+    @property
+    def budgeted(self) -> bool:
+        return self.options["dual"] == "budget"
+
     def setup(self, layers):
         for layer in layers.values():
-            layer.add_state("lambda", torch.zeros(()))
+            layer.add_state("lambda", torch.zeros((), dtype=layer.gamma.dtype))
             if self.resilient:
-                layer.add_state("slack", torch.zeros(()))
+                layer.add_state("slack", torch.zeros((), dtype=layer.gamma.dtype))
+                # EMA of the task gradient on γ and of its square, and the EMA's bias-correction weight
+                layer.add_state("grad_mean", torch.zeros((), dtype=layer.gamma.dtype))
+                layer.add_state("grad_sq", torch.zeros((), dtype=layer.gamma.dtype))
+                layer.add_state("grad_weight", torch.zeros((), dtype=layer.gamma.dtype))
 
+    # ------------------------------------------------------------- budget form
+    def _gains(self, handle):
+        """(r², k_i, EMA rate) for this step from the steps left in the budget."""
+        total = handle.require_total_steps("ace (dual='budget')")
+        left = max(total - handle.step, 0)
+        horizon = 2.0 + self.options["horizon"] * left
+        r = 1.0 - 1.0 / horizon
+        return r * r, (1.0 - r) ** 2 / (r * r), 1.0 / (2.0 + self.options["horizon"] * total)
+
+    def _update_consistency(self, layer, finite, rate):
+        """Record ∂J/∂γ (before any dual term) into the consistency EMAs."""
+        weight = getattr(layer.branch, "weight", None)
+        if type(layer.branch).__name__ == "LinearBranch" and weight.grad is not None:
+            # ∂J/∂γ along the branch's non-equivariant part only: ⟨∂J/∂W, P⊥W⟩/γ (∂J/∂W = γ·Σδxᵀ)
+            gamma = layer.gamma.detach()
+            safe = torch.where(gamma.abs() > 1e-6, gamma, torch.full_like(gamma, 1e-6))
+            grad = (weight.grad.detach() * layer.projector.orthogonal_complement(weight.detach())).sum() / safe
+        elif layer.gamma.grad is not None:
+            grad = layer.gamma.grad.detach()
+        else:
+            return
+        g = -grad * torch.sign(layer.gamma.detach())  # > 0: the task wants |γ| larger
+        for key, value in (("grad_mean", g), ("grad_sq", g * g), ("grad_weight", torch.ones_like(g))):
+            state = layer.state(key)
+            state.copy_(self.keep_if(finite, (1 - rate) * state + rate * value, state))
+
+    def consistency(self, layer, rate) -> torch.Tensor:
+        """κ ∈ [0, 1]: the EMA mean of the outward task gradient over its RMS, less the noise an EMA keeps."""
+        weight = layer.state("grad_weight").clamp(min=1e-12)
+        mean, sq = layer.state("grad_mean") / weight, layer.state("grad_sq") / weight
+        noise = rate / (2 - rate)  # variance fraction an EMA of i.i.d. zero-mean terms keeps
+        excess = torch.clamp(mean.abs().pow(2) - noise * sq, min=0) * (mean > 0)
+        return torch.sqrt(excess / sq.clamp(min=torch.finfo(sq.dtype).tiny)).clamp(max=1.0)
+
+    def _budget_step(self, handle, finite):
+        r2, k_i, rate = self._gains(handle)
+        with torch.no_grad():
+            for layer in self.layers.values():
+                gamma, lam = layer.gamma, layer.state("lambda")
+                if self.resilient:
+                    slack = layer.state("slack")
+                    slack.copy_(self.keep_if(finite, torch.clamp(self.consistency(layer, rate) / self.options["rho"],
+                                                                 max=1.0), slack))
+                    z = gamma.abs() - slack
+                    new_lam = torch.clamp(lam + k_i * z, min=0)
+                    new_z = torch.where(z > 0, r2 * (z - new_lam), z - new_lam)
+                    new_gamma = torch.sign(gamma) * torch.clamp(slack + new_z, min=0)
+                else:
+                    new_lam = lam + k_i * gamma
+                    new_gamma = r2 * (gamma - new_lam)
+                lam.copy_(self.keep_if(finite, new_lam, lam))
+                gamma.copy_(self.keep_if(finite, new_gamma.to(gamma.dtype), gamma))
+
+    # ------------------------------------------------------------------- hooks
     @hookimpl
     def equirelax_after_backward(self, handle, finite):
+        if self.budgeted:
+            handle.require_total_steps("ace (dual='budget')")  # before the optimizer steps, not after
+            if self.resilient:
+                rate = self._gains(handle)[2]
+                with torch.no_grad():
+                    for layer in self.layers.values():
+                        self._update_consistency(layer, finite, rate)
+            return
         c = self.options["augmented"]
         for layer in self.layers.values():
             gamma = layer.gamma
@@ -63,6 +159,9 @@ class ACE(Controller):
 
     @hookimpl
     def equirelax_after_optimizer_step(self, handle, finite):
+        if self.budgeted:
+            self._budget_step(handle, finite)
+            return
         eta = self.options["dual_lr"]
         with torch.no_grad():
             for layer in self.layers.values():

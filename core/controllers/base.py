@@ -13,7 +13,7 @@ class Controller:
     Subclasses declare ``name``, ``defaults`` (every accepted option with its
     default), ``learnable_gamma`` (γ is an ``nn.Parameter`` trained by the host
     optimizer) and what the layers must record each step (``needs_inputs``,
-    ``needs_probe``). They implement the hooks of :mod:`equirelax.core.hookspecs`.
+    ``needs_probe``: RECM's probing steps). They implement the hooks of :mod:`equirelax.core.hookspecs`.
     """
 
     name = "base"
@@ -52,7 +52,6 @@ class Controller:
         self.layers = layers
         for layer in layers.values():
             layer.capture_inputs = self.needs_inputs
-            layer.use_probe = self.needs_probe
         self.setup(layers)
 
     def setup(self, layers):

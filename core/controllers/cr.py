@@ -5,6 +5,15 @@ plus a regulariser on the branch only: λ_reg·(√LD + √N), with the Lie-deri
 term LD = Σ_k ‖f(A_k x) − A_k f(x)‖² over the three so(3) generators and the
 norm term N = ‖f(x)‖², both on detached layer inputs. The regulariser's gradient
 is added to the branch gradients after backward, so the host loss is untouched.
+
+``regulariser="reference"`` (default) is the published one: LD and N summed over
+the batch's rows and over every relaxed layer, one square root per term,
+λ_reg·(√(Σ_layers Σ_rows LD) + √(Σ_layers Σ_rows N)), so λ_reg = 0.01 means what it
+means in the paper (its strength grows with the batch, as there).
+``regulariser="mean"`` is a batch-size-independent form: per layer, the mean
+over rows under each root, λ_reg·Σ_layers(√mean LD + √mean N); at the reference's
+N-body setting (500 rows, 8 layers) its branch gradients are ≈ √(rows/layers) ≈ 8×
+weaker, so scale λ_reg up accordingly when choosing it.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from ..irreps import GeneratorAction
 from .base import Controller
 
 SCHEDULES = ("triangular", "linear", "constant")
+REGULARISERS = ("reference", "mean")
 
 
 def cr_schedule(schedule: str, epoch: int, epochs: int | None, theta: float = 1.0) -> float:
@@ -85,7 +95,8 @@ def lie_derivative_terms(branch: nn.Module, x: torch.Tensor, A_in, A_out):
 
 class CR(Controller):
     name = "cr"
-    defaults = {"schedule": "triangular", "epochs": None, "theta": 1.0, "reg_weight": 0.01, "eps": 1e-12}
+    defaults = {"schedule": "triangular", "epochs": None, "theta": 1.0, "reg_weight": 0.01, "eps": 1e-12,
+                "regulariser": "reference"}
     needs_inputs = True
 
     def validate(self):
@@ -101,6 +112,9 @@ class CR(Controller):
                 )
         self._positive("reg_weight", allow_zero=True)
         self._positive("eps")
+        if self.options["regulariser"] not in REGULARISERS:
+            raise ValueError(f"equirelax: cr option 'regulariser' must be one of {REGULARISERS}, "
+                             f"got {self.options['regulariser']!r}")
 
     def theta(self, epoch: int) -> float:
         o = self.options
@@ -121,15 +135,20 @@ class CR(Controller):
                 for name, layer in self.layers.items() if layer.cached_inputs}
 
     def regulariser(self, inputs: dict | None = None) -> torch.Tensor | None:
-        """λ_reg · Σ_layers (√LD + √N) on the inputs cached during this step's forward."""
-        total = None
+        """The regulariser on the inputs cached during this step's forward (see the module docstring)."""
         eps = self.options["eps"]
+        terms = []
         for name, x in (self._inputs() if inputs is None else inputs).items():
             A_in, A_out = self.generators[name]
             lie, norm = lie_derivative_terms(self.layers[name].branch, x, A_in, A_out)
-            term = torch.sqrt(lie + eps) + torch.sqrt(norm + eps)
-            total = term if total is None else total + term
-        return None if total is None else self.options["reg_weight"] * total
+            terms.append((lie, norm, x.shape[0]))
+        if not terms:
+            return None
+        if self.options["regulariser"] == "reference":
+            lie_sum = sum(lie * rows for lie, _, rows in terms)
+            norm_sum = sum(norm * rows for _, norm, rows in terms)
+            return self.options["reg_weight"] * (torch.sqrt(lie_sum + eps) + torch.sqrt(norm_sum + eps))
+        return self.options["reg_weight"] * sum(torch.sqrt(lie + eps) + torch.sqrt(norm + eps) for lie, norm, _ in terms)
 
     def _regulariser_gradients(self):
         """``(value, {param: grad})`` of the regulariser on this step's inputs.
@@ -166,17 +185,26 @@ class CR(Controller):
                 sums.append(torch.full((1,), float(rows), dtype=lie.dtype, device=lie.device))
                 params.append(layer_params)
         all_reduce_([*sums, *grads], average=False)
-        value, result, offset = 0.0, {}, 0
+        reference = self.options["regulariser"] == "reference"
+        if reference:  # one root per term over every layer's row sums
+            lie_root = torch.sqrt(sum(sums[3 * i][0] for i in range(len(params))) + eps)
+            norm_root = torch.sqrt(sum(sums[3 * i + 1][0] for i in range(len(params))) + eps)
+            value = weight * (lie_root + norm_root)
+        else:
+            value = 0.0
+        result, offset = {}, 0
         for index, layer_params in enumerate(params):
             lie_sum, norm_sum, rows = (t[0] for t in sums[3 * index:3 * index + 3])
             count = len(layer_params)
             lie_grads, norm_grads = grads[offset:offset + count], grads[offset + count:offset + 2 * count]
             offset += 2 * count
-            lie_root = torch.sqrt(lie_sum / rows + eps)
-            norm_root = torch.sqrt(norm_sum / rows + eps)
-            value = value + weight * (lie_root + norm_root)
+            if not reference:
+                lie_root = torch.sqrt(lie_sum / rows + eps)
+                norm_root = torch.sqrt(norm_sum / rows + eps)
+                value = value + weight * (lie_root + norm_root)
+            scale = 1.0 if reference else rows  # d√(S)/dθ = g_S / (2√S); the mean form's S is a row sum / rows
             for p, g_lie, g_norm in zip(layer_params, lie_grads, norm_grads):
-                result[p] = weight * (g_lie / (2 * lie_root * rows) + g_norm / (2 * norm_root * rows))
+                result[p] = weight * (g_lie / (2 * lie_root * scale) + g_norm / (2 * norm_root * scale))
         return value, result
 
     @hookimpl

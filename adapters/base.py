@@ -52,3 +52,8 @@ class Adapter:
     def merge(self, layer, weight) -> None:
         """Fold ``weight`` (dense [dim_out, dim_in_features], equivariant) into ``layer.base``."""
         raise NotImplementedError
+
+    def merge_plan(self, layer):
+        """A device-side, sync-free ``apply(weight)`` that adds an equivariant dense ``weight`` into
+        ``layer.base`` during training, or None when the host layer cannot take it exactly."""
+        return None

@@ -85,6 +85,44 @@ class E3nnAdapter(Adapter):
             offset += ins.path_shape[0] * ins.path_shape[1]
         return scales
 
+    def merge_plan(self, layer):
+        """Index form of ``merge``: each weight element of the ``o3.Linear`` reads one diagonal entry of its
+        irrep block of the dense map (the block is c ⊗ I for an equivariant map) over its path factor.
+        None unless the layer has an instruction for every pair of equal irreps (else merging would drop some)."""
+        linear = layer.base
+        if not (self.is_linear(linear) and layer.mergeable):
+            return None
+        irreps_in, irreps_out = as_irreps(linear.irreps_in), as_irreps(linear.irreps_out)
+        instructions = self._weight_instructions(linear)
+        paired = {(ins.i_in, ins.i_out) for ins in instructions}
+        for i_in, (_, ir_in) in enumerate(irreps_in):
+            for i_out, (_, ir_out) in enumerate(irreps_out):
+                if ir_in == ir_out and (i_in, i_out) not in paired:
+                    return None
+        slices_in, slices_out = irreps_in.slices(), irreps_out.slices()
+        rows, cols, factors = [], [], []
+        for ins, scale in zip(instructions, self._path_scales(linear)):
+            mul_in, mul_out = ins.path_shape
+            d = irreps_in[ins.i_in].ir.dim
+            u = torch.arange(mul_in).repeat_interleave(mul_out)  # weight layout [mul_in, mul_out]
+            w = torch.arange(mul_out).repeat(mul_in)
+            rows.append(slices_out[ins.i_out].start + w * d)
+            cols.append(slices_in[ins.i_in].start + u * d)
+            factors.append(torch.full((mul_in * mul_out,), 1.0 / scale, dtype=torch.float64))
+        rows, cols, factors = torch.cat(rows), torch.cat(cols), torch.cat(factors)
+        cache = {}
+
+        def apply(weight: torch.Tensor) -> None:
+            key = (weight.device, linear.weight.dtype)
+            if key not in cache:  # built once per device: a host-to-device copy every step would stall the queue
+                cache[key] = (rows.to(weight.device), cols.to(weight.device),
+                              factors.to(device=weight.device, dtype=linear.weight.dtype))
+            r, c, f = cache[key]
+            with torch.no_grad():
+                linear.weight.add_(weight[r, c].to(linear.weight.dtype) * f)
+
+        return apply
+
     def merge(self, layer, weight):
         """Add the equivariant dense map ``weight`` (already scaled by γ) to ``o3.Linear`` weights."""
         linear = layer.base

@@ -685,6 +685,13 @@ def reading(results: dict) -> list[str]:
             (kept if largest > 1e-3 else closed).append(f"`{run['name']}` (max |γ| {largest:.3f})")
     if closed:
         lines.append(f"Ended exactly equivariant (γ ≈ 0 on every layer): {', '.join(closed)}.")
+    for run in ok:
+        epochs, saved = results.get("epochs"), run.get("model_epoch")
+        if run.get("controller") == "cr" and run["gamma"] and epochs and saved is not None and saved < epochs:
+            theta = max(run["gamma"].values())
+            lines.append(f"`{run['name']}`: the host kept its epoch-{saved} model (lowest validation loss), "
+                         f"trained at θ = {theta:.2f}, before the schedule ended (θ = 0 at epoch {epochs}); its "
+                         f"exported model is that model's projection.")
     if kept:
         lines.append(f"Ended with γ > 0 somewhere (still relaxed; the exported model is their equivariant "
                      f"projection): {', '.join(kept)}.")

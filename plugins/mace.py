@@ -10,7 +10,7 @@ line) turns relaxation on; without it the run is exactly ``mace_run_train``.
       branch: linear              # linear | lowrank (with rank: 8) | mlp
       init: zero                  # zero: step-0 predictions unchanged (pretrained); random: papers' init
       export: merge               # merge | drop | none: the exported plain-MACE model written at the end
-      options: {}                 # controller options, e.g. {form: resilient, dual_lr: 0.01}
+      options: {}                 # controller options, e.g. {form: resilient, rho: 2.0}
 
 MACE has no plugin mechanism, so the controller goes in where ``run_train``
 looks its helpers up: ``configure_model`` (relax the built or foundation model),

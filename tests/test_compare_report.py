@@ -64,6 +64,24 @@ def test_failed_run_is_a_row_of_the_table_and_a_line_of_the_reading():
     assert any("`cr` failed (exit code 1: equirelax: boom)" in line for line in compare.reading(results))
 
 
+def test_reading_names_the_epoch_and_theta_of_a_cr_model_saved_mid_schedule():
+    mid = _run("cr", 121.0, 119.0, {"model.interactions.0.linear": 0.4, "model.products.0.linear": 0.4})
+    mid["model_epoch"] = 2  # of 3: the host kept the lowest-validation epoch
+    text = "\n".join(compare.reading(_results(_run("vanilla", 120.0), mid)))
+    assert "`cr`: the host kept its epoch-2 model (lowest validation loss), trained at θ = 0.40" in text
+    assert "θ = 0 at epoch 3" in text
+    assert "epoch-3" not in "\n".join(compare.reading(_results(_run("cr", 121.0, 121.0, GAMMA_ZERO))))
+
+
+def test_table_shows_the_symmetry_map_beside_gamma():
+    run = _run("recm", 125.0, 108.0, GAMMA_KEPT)
+    run["breaking"] = {"model.interactions.0.linear": 0.031, "model.products.0.linear": 0.0}
+    header, _, row = compare.table(_results(run)).splitlines()[:3]
+    assert "| γ per layer | symmetry breaking per layer |" in header
+    assert "| interactions.0.linear: 0.031, products.0.linear: 0.000 |" in row
+    assert header.count("|") == row.count("|")
+
+
 def test_table_drops_the_shared_layer_prefix_and_shows_numbers():
     row = compare.table(_results(_run("recm", 125.0, 108.0, GAMMA_KEPT))).splitlines()[2]
     assert "| 125.0 / 108.0 |" in row and "interactions.0.linear: 0.800, products.0.linear: 0.600" in row

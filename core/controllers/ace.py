@@ -13,10 +13,16 @@ proximal step of the constraint terms (multiplier plus an augmented term) in
     λ  ← λ + k_i z                    (resilient: [·]_+)
     z  ← (z − λ)/(1 + c)              (augmented proximal step; resilient: c acts on z > 0 only)
 
+Whatever the proximal step takes off γ, the branch's equivariant part goes with it
+into the host layer's own weights (Δγ·P(W), exactly, where the adapter can merge),
+so shrinking γ removes only the symmetry-breaking part: the equivariant function
+the branch learned stays, as ``export(mode="merge")`` would keep it.
+
 This is a primal–dual (PI) loop on the constraint violation whose gains come
 from the run's budget T: a double pole at r = 1 − 1/N_t with the horizon
-N_t = 2 + horizon·(T − t) shrinking with the steps left, i.e. 1/(1+c) = r²,
-k_i = (1 − r)²/r² (critically damped: no oscillation). Why: the host optimizer
+N_t = 1 + horizon·(T − t) shrinking with the steps left, i.e. 1/(1+c) = r²,
+k_i = (1 − r)²/r² (critically damped: no oscillation); at the budget's last
+step r = 0 and the constraint closes exactly. Why: the host optimizer
 moves γ by about its learning rate per step (Adam), so dual terms that only
 enter γ's gradient need ≳ 1/lr steps to act (1000 at lr 1e-3, more than a
 75-step fine-tune) and, undamped, oscillate for tens of thousands of steps
@@ -24,9 +30,11 @@ enter γ's gradient need ≳ 1/lr steps to act (1000 at lr 1e-3, more than a
 scale, lets γ follow the task early (a long horizon) and ends at γ ≈ 0.
 
 Resilient slack: u_i = min(1, κ_i/ρ), κ_i ∈ [0, 1] the consistency with which
-the task gradient asks to grow |γ_i| (noise-debiased EMA mean over RMS of
-∂J/∂γ_i over the same horizon): the paper's equilibrium |γ| = |∂J/∂γ|/ρ with
-ρ measured against the gradient's own scale, so one ρ works for any loss scale.
+the task gradient asks to grow the branch's symmetry-breaking part (noise-
+debiased EMA mean over RMS, over the same horizon, of ⟨∂J/∂W, P⊥W⟩/γ for a
+dense branch, of ∂J/∂γ_i otherwise): the paper's equilibrium |γ| = |∂J/∂γ|/ρ
+with ρ measured against the gradient's own scale, so one ρ works for any loss
+scale.
 
 ``dual="gradient"`` is the papers' form, for reproducing the reference: the
 dual terms enter γ's gradient (λ, or λ·sign γ), λ ← λ + η_d γ (resilient:
@@ -46,7 +54,7 @@ DUALS = ("budget", "gradient")
 
 class ACE(Controller):
     name = "ace"
-    defaults = {"form": "equality", "dual": "budget", "horizon": 0.25, "rho": 1.0, "gamma0": 1.0,
+    defaults = {"form": "equality", "dual": "budget", "horizon": 0.5, "rho": 1.0, "gamma0": 1.0,
                 "dual_lr": 1e-3, "augmented": 0.0}
     learnable_gamma = True
 
@@ -84,9 +92,11 @@ class ACE(Controller):
         """(r², k_i, EMA rate) for this step from the steps left in the budget."""
         total = handle.require_total_steps("ace (dual='budget')")
         left = max(total - handle.step, 0)
-        horizon = 2.0 + self.options["horizon"] * left
-        r = 1.0 - 1.0 / horizon
-        return r * r, (1.0 - r) ** 2 / (r * r), 1.0 / (2.0 + self.options["horizon"] * total)
+        r = 1.0 - 1.0 / (1.0 + self.options["horizon"] * left)
+        rate = 1.0 / (2.0 + self.options["horizon"] * total)
+        if r == 0.0:  # the budget's last step (and any beyond it): the constraint closes exactly, λ is kept
+            return 0.0, 0.0, rate
+        return r * r, (1.0 - r) ** 2 / (r * r), rate
 
     def _update_consistency(self, layer, finite, rate):
         """Record ∂J/∂γ (before any dual term) into the consistency EMAs."""
@@ -113,10 +123,17 @@ class ACE(Controller):
         excess = torch.clamp(mean.abs().pow(2) - noise * sq, min=0) * (mean > 0)
         return torch.sqrt(excess / sq.clamp(min=torch.finfo(sq.dtype).tiny)).clamp(max=1.0)
 
+    def _merge_plans(self, handle) -> dict:
+        if getattr(self, "_plans", None) is None:
+            self._plans = {name: handle.adapter.merge_plan(layer) if layer.has_projection else None
+                           for name, layer in self.layers.items()}
+        return self._plans
+
     def _budget_step(self, handle, finite):
         r2, k_i, rate = self._gains(handle)
+        plans = self._merge_plans(handle)
         with torch.no_grad():
-            for layer in self.layers.values():
+            for name, layer in self.layers.items():
                 gamma, lam = layer.gamma, layer.state("lambda")
                 if self.resilient:
                     slack = layer.state("slack")
@@ -130,7 +147,11 @@ class ACE(Controller):
                     new_lam = lam + k_i * gamma
                     new_gamma = r2 * (gamma - new_lam)
                 lam.copy_(self.keep_if(finite, new_lam, lam))
-                gamma.copy_(self.keep_if(finite, new_gamma.to(gamma.dtype), gamma))
+                new_gamma = self.keep_if(finite, new_gamma.to(gamma.dtype), gamma)
+                if plans[name] is not None:  # the equivariant part of what γ gives up moves into the host layer
+                    kept = layer.equivariant_weight(layer.branch.weight.detach())[:, : layer.feature_dim]
+                    plans[name]((gamma - new_gamma) * kept)
+                gamma.copy_(new_gamma)
 
     # ------------------------------------------------------------------- hooks
     @hookimpl

@@ -5,8 +5,9 @@ is not reproduced here): each layer's level is driven by a recurrent state
 estimated from the training signal, and settles at a value bounded by the
 symmetry gap that layer sees; no target level is given.
 
-Probe. Each relaxed layer gets two probe maps V_a, V_b (zero [d_out, d_in]
-parameters). Every ``probe_every``-th training step is a probing step: the layer
+Probe. Each relaxed layer gets two probe maps V_a, V_b of rank ``probe_rank``
+(V = B·A, B starting at zero, so V does too; a low rank keeps them from fitting
+a finite training set's own orientations, which a dense map does). Every ``probe_every``-th training step is a probing step: the layer
 computes f_eq(x) + γ·P(W)x + P⊥(V)x, i.e. the branch's non-equivariant part is
 replaced by V's (V_a on the first half of the rows, V_b on the second), at full
 strength whatever γ is (the branch is not trained on that step; the host model
@@ -38,11 +39,15 @@ relaxed. γ starts at ``gamma0`` and, from the first probe on, is set by the dat
 whatever it started at: bounded by the gap, → 0 where the data asks for no
 correction beyond the probes' noise.
 
-What it cannot tell apart: V learns from the training set, so a symmetric
-target sampled in one fixed frame (no rotated copies, a finite set a linear map
-can partly fit) shows a small gap of its own; on a few hundred samples the
-correction V fits to them is that gap. An equivariant target with
-orientation-dependent *noise* looks the same as a weak field.
+What it cannot tell apart:
+- an equivariant target sampled in a few fixed frames (a small set whose
+  orientations are not spread out) from a real broken symmetry: to the model the
+  data *is* not symmetric; orientation-dependent noise looks like a weak field;
+- which of several layers should carry a correction that each of them could
+  make (the probe maps learn at once, and the split between layers depends on
+  the run): a layer downstream of the one where the breaking enters may show a
+  level anywhere between 0 and 1 from run to run;
+- a breaking of rank above ``probe_rank`` is measured by its largest part only.
 """
 
 from __future__ import annotations

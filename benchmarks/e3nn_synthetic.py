@@ -3,10 +3,14 @@
     python benchmarks/e3nn_synthetic.py accuracy [--steps N] [--seeds K]
     python benchmarks/e3nn_synthetic.py speed [--repeats K]
     python benchmarks/e3nn_synthetic.py ace
+    python benchmarks/e3nn_synthetic.py recm
 
 ace: equality ACE's γ on symmetric data at budgets of 75 to 10000 steps and two
 constant learning rates, the budget-paced default (dual="budget") against the
 papers' gradient form (dual="gradient", dual_lr 1e-3, no augmented term).
+recm: RECM's level and gap per layer at defaults, 1500 steps over epochs of a
+finite training set, varying the batch size, the start, the field strength and
+the set's size.
 
 accuracy: a gated e3nn network (Linear → Gate → Linear) trained on the
 symmetric and the external-field synthetic tasks (equirelax.core.synthetic)
@@ -170,13 +174,14 @@ def speed(args):
         for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
             for label, (model, handle) in variants.items():
                 times[label].append(time_steps(model, handle, inputs, y, args.steps))
-        vanilla = statistics.median(times["vanilla"])
+        vanilla, fixed = statistics.median(times["vanilla"]), statistics.median(times["fixed"])
         print(f"## {title}\n")
-        print("| model | step time (ms) | relaxed / vanilla |")
-        print("|---|---|---|")
+        print("| model | step time (ms) | relaxed / vanilla | controller overhead (/ fixed) |")
+        print("|---|---|---|---|")
         for label in variants:
             median = statistics.median(times[label])
-            print(f"| {label} | {1000 * median:.2f} | {median / vanilla:.3f} |")
+            overhead = "-" if label == "vanilla" else f"{median / fixed:.3f}"
+            print(f"| {label} | {1000 * median:.2f} | {median / vanilla:.3f} | {overhead} |")
         print(flush=True)
 
 
@@ -211,6 +216,43 @@ def ace_budgets(args):
                 print(f"| {dual} | {steps} | {lr:g} | {final:.1e} | {swing:.1e} | {mse:.2e} |", flush=True)
 
 
+RECM_CASES = [  # (label, task, training samples, batch, field strength, gamma0)
+    ("field", "field", 2048, 64, 1.0, 1.0), ("field, batch 16", "field", 2048, 16, 1.0, 1.0),
+    ("field, batch 256", "field", 2048, 256, 1.0, 1.0), ("field, start γ = 0", "field", 2048, 64, 1.0, 0.0),
+    ("field × 0.03", "field", 2048, 64, 0.03, 1.0), ("symmetric", "symmetric", 2048, 64, 1.0, 1.0),
+    ("symmetric, batch 256", "symmetric", 2048, 256, 1.0, 1.0), ("symmetric, 256 samples", "symmetric", 256, 64, 1.0, 1.0),
+]
+
+
+def recm_levels(args):
+    torch.set_default_dtype(torch.float64)
+    steps = args.steps
+    print(f"# RECM at defaults: {steps} steps over epochs of the training set, Adam lr 5e-3, seed 0\n")
+    print("| data | γ per layer | gap per layer | test MSE (relaxed) |")
+    print("|---|---|---|---|")
+    for label, kind, n, batch, strength, gamma0 in RECM_CASES:
+        torch.manual_seed(0)
+        model = gated_e3nn_model()
+        handle = equirelax.relax(model, "recm", total_steps=steps, gamma0=gamma0)
+        opt = handle.wrap(torch.optim.Adam(model.parameters(), 5e-3))
+        x, y = make_task(kind, n, seed=0, field_strength=strength)
+        xt, yt = make_task(kind, 1024, seed=100, field_strength=strength)
+        generator, step = torch.Generator().manual_seed(0), 0
+        while step < steps:
+            for rows in torch.randperm(n, generator=generator).split(batch)[: steps - step]:
+                opt.zero_grad()
+                (model(x[rows]) - y[rows]).pow(2).mean().backward()
+                opt.step()
+                step += 1
+            handle.epoch_end()
+        with torch.no_grad():
+            mse = float((model(xt) - yt).pow(2).mean())
+        metrics = handle.metrics()
+        levels = ", ".join(f"{n}: {g:.2f}" for n, g in handle.levels().items())
+        gaps = ", ".join(f"{n}: {metrics[f'recm/gap/{n}']:.3f}" for n in handle.layers)
+        print(f"| {label} | {levels} | {gaps} | {mse:.2e} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -226,8 +268,10 @@ def main():
     spd.add_argument("--rank", type=int, default=None, help="rank of a lowrank branch (default 8)")
     budgets = sub.add_parser("ace")
     budgets.add_argument("--budgets", type=int, nargs="+", default=[75, 1000, 10000])
+    levels = sub.add_parser("recm")
+    levels.add_argument("--steps", type=int, default=1500)
     args = parser.parse_args()
-    {"accuracy": accuracy, "speed": speed, "ace": ace_budgets}[args.command](args)
+    {"accuracy": accuracy, "speed": speed, "ace": ace_budgets, "recm": recm_levels}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -55,5 +55,7 @@ def test_quick_benchmark_learns_and_projects_to_exact_equivariance(quick, kind):
             assert all(g == 0.0 for g in final.values())  # the triangular schedule ends at θ = 0
         elif name == "ace":
             assert all(abs(g) <= 1e-2 for g in final.values())  # equality ACE ends equivariant within its budget
-        else:
+        elif max(abs(g) for g in final.values()) > 0.05:  # ended relaxed (fixed; RECM, ACE-resilient where needed)
             assert run["equivariance_error_relaxed"] > 1e-3  # the branches with γ > 0 break the symmetry
+        else:  # closed: the relaxed model is the equivariant one
+            assert run["equivariance_error_relaxed"] < 1e-3

@@ -685,13 +685,18 @@ def reading(results: dict) -> list[str]:
             (kept if largest > 1e-3 else closed).append(f"`{run['name']}` (max |γ| {largest:.3f})")
     if closed:
         lines.append(f"Ended exactly equivariant (γ ≈ 0 on every layer): {', '.join(closed)}.")
-    for run in ok:
+    for run in ok:  # controllers that close by the end of the run, saved by the host before it
         epochs, saved = results.get("epochs"), run.get("model_epoch")
-        if run.get("controller") == "cr" and run["gamma"] and epochs and saved is not None and saved < epochs:
-            theta = max(run["gamma"].values())
-            lines.append(f"`{run['name']}`: the host kept its epoch-{saved} model (lowest validation loss), "
-                         f"trained at θ = {theta:.2f}, before the schedule ended (θ = 0 at epoch {epochs}); its "
-                         f"exported model is that model's projection.")
+        if run.get("controller") not in ("cr", "ace") or not run["gamma"] or not epochs or saved is None \
+                or saved >= epochs:
+            continue
+        level = max(abs(g) for g in run["gamma"].values())
+        if run["controller"] == "cr":
+            at, end = f"trained at θ = {level:.2f}", "the schedule ended (θ = 0"
+        else:
+            at, end = f"at |γ| up to {level:.2f}", "the controller closed (γ = 0"
+        lines.append(f"`{run['name']}`: the host kept its epoch-{saved} model (lowest validation loss), {at}, "
+                     f"before {end} at epoch {epochs}); its exported model is that model's projection.")
     if kept:
         lines.append(f"Ended with γ > 0 somewhere (still relaxed; the exported model is their equivariant "
                      f"projection): {', '.join(kept)}.")

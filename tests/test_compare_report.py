@@ -71,6 +71,11 @@ def test_reading_names_the_epoch_and_theta_of_a_cr_model_saved_mid_schedule():
     assert "`cr`: the host kept its epoch-2 model (lowest validation loss), trained at θ = 0.40" in text
     assert "θ = 0 at epoch 3" in text
     assert "epoch-3" not in "\n".join(compare.reading(_results(_run("cr", 121.0, 121.0, GAMMA_ZERO))))
+    early = _run("ace", 121.0, 119.0, {"model.interactions.0.linear": -0.11, "model.products.0.linear": 0.05})
+    early["model_epoch"] = 1
+    text = "\n".join(compare.reading(_results(early)))
+    assert "`ace`: the host kept its epoch-1 model (lowest validation loss), at |γ| up to 0.11, before the " \
+           "controller closed (γ = 0 at epoch 3)" in text
 
 
 def test_table_shows_the_symmetry_map_beside_gamma():

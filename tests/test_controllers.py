@@ -212,11 +212,15 @@ def test_ace_resilient_keeps_slack_where_the_symmetry_is_broken_at_any_loss_scal
     assert relaxed < 0.2 * projected
 
 
-@pytest.mark.xfail(strict=True, reason="on a finite symmetric set the branch's broken part still lowers the training "
-                                       "loss (it fits the set's own orientations), so the task keeps asking for it: "
-                                       "γ ends at ~0.3 after 1000 steps")
 def test_ace_resilient_closes_on_symmetric_data():
     _, handle = _train_ace("ace-resilient", "symmetric", 1000, 5e-3)
+    assert all(abs(g) <= 1e-2 for g in handle.levels().values()), handle.levels()
+
+
+@pytest.mark.xfail(reason="in a 75-step fine-tune the consistency estimate has too few steps to separate the "
+                          "branch's fit to the set's own orientations from a broken symmetry: γ_0 ends at ~0.08")
+def test_ace_resilient_closes_on_symmetric_data_in_a_short_fine_tune():
+    _, handle = _train_ace("ace-resilient", "symmetric", 75, 5e-3)
     assert all(abs(g) <= 1e-2 for g in handle.levels().values()), handle.levels()
 
 

@@ -78,6 +78,9 @@ class ACE(Controller):
         return self.options["dual"] == "budget"
 
     def setup(self, layers):
+        # built here, not in the training step (building reads the host layer's path factors on the host)
+        self.plans = {name: self.adapter.merge_plan(layer) if self.budgeted and layer.has_projection else None
+                      for name, layer in layers.items()}
         for layer in layers.values():
             layer.add_state("lambda", torch.zeros((), dtype=layer.gamma.dtype))
             if self.resilient:
@@ -123,15 +126,9 @@ class ACE(Controller):
         excess = torch.clamp(mean.abs().pow(2) - noise * sq, min=0) * (mean > 0)
         return torch.sqrt(excess / sq.clamp(min=torch.finfo(sq.dtype).tiny)).clamp(max=1.0)
 
-    def _merge_plans(self, handle) -> dict:
-        if getattr(self, "_plans", None) is None:
-            self._plans = {name: handle.adapter.merge_plan(layer) if layer.has_projection else None
-                           for name, layer in self.layers.items()}
-        return self._plans
-
     def _budget_step(self, handle, finite):
         r2, k_i, rate = self._gains(handle)
-        plans = self._merge_plans(handle)
+        plans = self.plans
         with torch.no_grad():
             for name, layer in self.layers.items():
                 gamma, lam = layer.gamma, layer.state("lambda")

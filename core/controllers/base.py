@@ -50,6 +50,7 @@ class Controller:
     @hookimpl
     def equirelax_model_patched(self, handle, layers):
         self.layers = layers
+        self.adapter = handle.adapter
         for layer in layers.values():
             layer.capture_inputs = self.needs_inputs
         self.setup(layers)

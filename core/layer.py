@@ -149,17 +149,21 @@ class RelaxedLayer(nn.Module):
             return x.new_zeros(*x.shape[:-1], self.irreps_out.dim)
         return nn.functional.linear(x, self.equivariant_weight(self.branch.weight))
 
+    def _branch_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f_neq(x), P⊥f_neq(x)) without gradients; an MLP branch has no equivariant part, so both are f_neq(x)."""
+        with torch.no_grad():
+            if not self.has_projection:
+                full = self.branch(x)
+                return full, full
+            weight = self.branch.weight.detach()
+            return nn.functional.linear(x, weight), nn.functional.linear(x, weight - self.equivariant_weight(weight))
+
     def breaking_sums(self, x: torch.Tensor, relaxed_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(‖γ·P⊥f_neq(x)‖², ‖f_eq(x)‖²) over the rows, from the branch input and the relaxed output."""
-        with torch.no_grad():
-            gamma = self.gamma.detach().to(x.dtype)
-            if self.has_projection:
-                weight = self.branch.weight.detach()
-                full, off = nn.functional.linear(x, weight), nn.functional.linear(x, weight - self.equivariant_weight(weight))
-            else:
-                full = off = self.branch(x)
-            base_out = relaxed_out.detach() - gamma * full
-            return (gamma * off).pow(2).sum(), base_out.pow(2).sum()
+        gamma = self.gamma.detach().to(x.dtype)
+        full, off = self._branch_parts(x)
+        base_out = relaxed_out.detach() - gamma * full
+        return (gamma * off).pow(2).sum(), base_out.pow(2).sum()
 
     def breaking(self, x: torch.Tensor | None = None, base_out: torch.Tensor | None = None) -> float | None:
         """How non-equivariant the layer's output is: ‖γ·P⊥f_neq(x)‖ / ‖f_eq(x)‖ over the rows, i.e. the
@@ -170,16 +174,11 @@ class RelaxedLayer(nn.Module):
             if self.__dict__.get("sample") is None:  # also a layer pickled before samples were kept
                 return None
             x, base_out = self.sample
-        with torch.no_grad():
-            gamma = self.gamma.detach().to(x.dtype)
-            if self.has_projection:
-                weight = self.branch.weight.detach()
-                off = nn.functional.linear(x, weight - self.equivariant_weight(weight))
-            else:
-                off = self.branch(x)
-            denominator = base_out.pow(2).sum()
-            numerator = (gamma * off).pow(2).sum()
-            return float(torch.sqrt(numerator / denominator)) if float(denominator) > 0 else float("nan")
+        gamma = self.gamma.detach().to(x.dtype)
+        _, off = self._branch_parts(x)
+        denominator = base_out.pow(2).sum()
+        numerator = (gamma * off).pow(2).sum()
+        return float(torch.sqrt(numerator / denominator)) if float(denominator) > 0 else float("nan")
 
     def add_probe_weight(self, rank: int):
         """Two maps V = B·A of rank ``rank`` (B zero, A random: V starts at zero) whose non-equivariant parts

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import torch
 
+from ..branches import LinearBranch
 from ..hookspecs import hookimpl
 from .base import Controller
 
@@ -104,7 +105,7 @@ class ACE(Controller):
     def _update_consistency(self, layer, finite, rate):
         """Record ∂J/∂γ (before any dual term) into the consistency EMAs."""
         weight = getattr(layer.branch, "weight", None)
-        if type(layer.branch).__name__ == "LinearBranch" and weight.grad is not None:
+        if isinstance(layer.branch, LinearBranch) and weight.grad is not None:
             # ∂J/∂γ along the branch's non-equivariant part only: ⟨∂J/∂W, P⊥W⟩/γ (∂J/∂W = γ·Σδxᵀ)
             gamma = layer.gamma.detach()
             safe = torch.where(gamma.abs() > 1e-6, gamma, torch.full_like(gamma, 1e-6))

@@ -13,7 +13,7 @@ finite training set, varying the batch size, the start, the field strength and
 the set's size.
 
 accuracy: a gated e3nn network (Linear → Gate → Linear) trained on the
-symmetric and the external-field synthetic tasks (equirelax.core.synthetic)
+symmetric and the external-field synthetic tasks (equirelax.datasets.synthetic)
 with each controller and without relaxation; test MSE of the relaxed model and
 of its exported (merged, exactly equivariant) model, final γ per layer.
 speed: training-step time of a wider e3nn model relaxed with each controller
@@ -31,7 +31,7 @@ import torch
 
 import equirelax
 from equirelax.core._e3nn import o3
-from equirelax.core.synthetic import gated_e3nn_model, make_task
+from equirelax.datasets.synthetic import gated_e3nn_model, make_task
 
 TIMING_BUDGET = 10**6  # the budget controllers pace themselves by; a timing run takes only a few of its steps
 

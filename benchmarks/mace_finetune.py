@@ -2,7 +2,7 @@
 
     .venv-mace/bin/python benchmarks/mace_finetune.py [--seeds 3 4 5] [--epochs 15] [--workdir DIR]
 
-1. generates EMT Cu/Al clusters (equirelax.plugins.data): a symmetric set and a
+1. generates EMT Cu/Al clusters (equirelax.datasets.emt): a symmetric set and a
    set in a uniform field F = (0, 0, 0.3) eV/Å on neutralised species charges;
 2. pretrains a small MACE on the symmetric set with MACE's own CLI (no relax);
 3. fine-tunes it on the field set with ``--foundation_model`` for each of
@@ -61,7 +61,7 @@ def main():
     parser.add_argument("--pretrain-epochs", type=int, default=40)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    from equirelax.plugins.data import write_emt_dataset
+    from equirelax.datasets.emt import write_emt_dataset
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="mace-finetune-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ def build(hidden: str):
 
 def make_batch(table, n=8):
     from equirelax.adapters.mace import mace_batch
-    from equirelax.plugins.data import emt_configurations
+    from equirelax.datasets.emt import emt_configurations
 
     return mace_batch(emt_configurations(n, seed=0, field=[0.0, 0.0, 0.3]), table, cutoff=4.5)
 

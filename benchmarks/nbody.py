@@ -5,7 +5,7 @@
     .venv-nequip/bin/python benchmarks/nbody.py --model steerable [...]   # the e3nn model instead of EGNN
 
 For each data set (``symmetric`` and ``field``: a uniform field (0, 0, 1) acting
-on the charges) and seed, trains the EGNN of ``equirelax.adapters.egnn`` as is
+on the charges) and seed, trains the EGNN of ``equirelax.models.egnn`` as is
 (vanilla) and relaxed with each controller (MLP branches on every block's
 coordinate update, fed h, raw x and v), same data, seed, epochs and
 optimiser (Adam, lr 5e-4, batch 100, as in the EGNN paper). Reports test MSE of
@@ -16,7 +16,7 @@ epochs) and ``validation.png``; ``--sizes`` adds a sample-efficiency curve
 (test MSE vs training-set size) for vanilla and one controller.
 
 ``--model steerable`` trains the SEGNN-style e3nn network of
-``equirelax.plugins.nbody_e3nn`` instead (node scalars |v| and q; Adam lr 2e-3), relaxed by
+``equirelax.models.steerable_nbody`` instead (node scalars |v| and q; Adam lr 2e-3), relaxed by
 the e3nn adapter on its default targets (every ``o3.Linear`` and message
 tensor product) with linear branches; its projection is ``equirelax.export``
 (linear branches merged, tensor-product branches dropped).
@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 
 import equirelax
-from equirelax.adapters.egnn import EGNN, nbody_graph
+from equirelax.models.egnn import EGNN, nbody_graph
 from equirelax.core.irreps import random_rotations
-from equirelax.plugins.nbody import charged_nbody
-from equirelax.plugins.nbody_e3nn import SteerableNBody
+from equirelax.datasets.nbody import charged_nbody
+from equirelax.models.steerable_nbody import SteerableNBody
 
 FIELD = [0.0, 0.0, 1.0]
 CONTROLLERS = {

@@ -2,7 +2,7 @@
 
     .venv-nequip/bin/python benchmarks/nequip_finetune.py [--seeds 3 4 5] [--epochs 15] [--workdir DIR]
 
-1. generates EMT Cu/Al clusters (equirelax.plugins.data): a symmetric set and a
+1. generates EMT Cu/Al clusters (equirelax.datasets.emt): a symmetric set and a
    set in a uniform field F = (0, 0, 0.3) eV/Å on neutralised species charges;
 2. pretrains a small NequIP on the symmetric set with ``nequip-train`` (no relax);
 3. fine-tunes it on the field set through ``nequip.model.ModelFromCheckpoint``
@@ -31,7 +31,7 @@ TYPE_NAMES = ["Al", "Cu"]
 
 
 def train(directory: Path, name: str, config: dict) -> float:
-    from equirelax.plugins.nequip_config import write_config
+    from equirelax.plugins.nequip.config import write_config
 
     write_config(directory, name, config)
     start = time.perf_counter()
@@ -64,8 +64,8 @@ def main():
     from nequip.utils.global_state import set_global_state
 
     from equirelax.adapters.nequip import nequip_batch
-    from equirelax.plugins.data import write_emt_dataset
-    from equirelax.plugins.nequip_config import model_config, relaxed, training_config
+    from equirelax.datasets.emt import write_emt_dataset
+    from equirelax.plugins.nequip.config import model_config, relaxed, training_config
 
     set_global_state()
     root = (args.workdir or Path(tempfile.mkdtemp(prefix="nequip-finetune-"))).resolve()

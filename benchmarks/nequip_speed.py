@@ -35,7 +35,7 @@ def build(features: int, l_max: int, layers: int, dtype: str):
 
 def make_batch(n=8):
     from equirelax.adapters.nequip import nequip_batch
-    from equirelax.plugins.data import emt_configurations
+    from equirelax.datasets.emt import emt_configurations
 
     return nequip_batch(emt_configurations(n, seed=0, field=[0.0, 0.0, 0.3]), TYPE_NAMES, 4.5)
 

@@ -2,7 +2,8 @@
 
 from .branches import LinearBranch, LowRankBranch, MLPBranch, make_branch
 from .controllers import ACE, CR, RECM, ACEResilient, Controller, Fixed, available_controllers, get_controller
-from .handle import RelaxHandle, export, relax
+from .handle import RelaxHandle
+from .patching import export, relax
 from .hookspecs import hookimpl, hookspec
 from .irreps import so3_generators
 from .layer import RelaxedLayer

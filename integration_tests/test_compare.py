@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from equirelax.plugins.data import write_emt_dataset
+from equirelax.datasets.emt import write_emt_dataset
 
 EQUIRELAX = str(Path(sys.executable).parent / "equirelax")
 FIELD = [0.0, 0.0, 0.3]
@@ -120,7 +120,7 @@ def test_mace_compare_reports_every_run_and_a_failed_one(tmp_path):
 # ------------------------------------------------------------------------- NequIP
 def test_nequip_compare_matches_nequips_own_test_metrics(tmp_path):
     pytest.importorskip("nequip")
-    from equirelax.plugins.nequip_config import model_config, training_config, write_config
+    from equirelax.plugins.nequip.config import model_config, training_config, write_config
 
     write_emt_dataset(tmp_path / "train.xyz", 25, seed=0, field=FIELD)
     write_emt_dataset(tmp_path / "test.xyz", 6, seed=1, field=FIELD)

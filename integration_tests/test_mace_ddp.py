@@ -13,7 +13,7 @@ pytest.importorskip("mace")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from equirelax.plugins.data import write_emt_dataset  # noqa: E402
+from equirelax.datasets.emt import write_emt_dataset  # noqa: E402
 
 HERE = Path(__file__).parent
 CASES = {"recm": {}, "cr": {"reg_weight": 0.1}, "ace-resilient": {}}

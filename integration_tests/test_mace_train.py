@@ -11,7 +11,7 @@ import yaml
 
 pytest.importorskip("mace")
 
-from equirelax.plugins.data import write_emt_dataset  # noqa: E402
+from equirelax.datasets.emt import write_emt_dataset  # noqa: E402
 
 CLI = Path(sys.executable).parent / "equirelax-mace-train"
 MACE_CLI = Path(sys.executable).parent / "mace_run_train"

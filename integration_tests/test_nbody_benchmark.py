@@ -30,7 +30,7 @@ def quick(request, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["symmetric", "field"])
 def test_quick_benchmark_learns_and_projects_to_exact_equivariance(quick, kind):
-    from equirelax.plugins.nbody import charged_nbody
+    from equirelax.datasets.nbody import charged_nbody
 
     module, model, results = quick
     test = charged_nbody(100, seed=3000, field=module.FIELD if kind == "field" else None)

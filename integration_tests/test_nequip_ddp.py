@@ -15,8 +15,8 @@ pytest.importorskip("nequip")
 
 import torch  # noqa: E402
 
-from equirelax.plugins.data import write_emt_dataset  # noqa: E402
-from equirelax.plugins.nequip_config import model_config, training_config, write_config  # noqa: E402
+from equirelax.datasets.emt import write_emt_dataset  # noqa: E402
+from equirelax.plugins.nequip.config import model_config, training_config, write_config  # noqa: E402
 
 CASES = {"recm": {}, "cr": {"reg_weight": 0.1}, "ace-resilient": {}}
 

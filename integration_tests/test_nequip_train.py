@@ -18,8 +18,8 @@ pytest.importorskip("nequip")
 
 import torch  # noqa: E402
 
-from equirelax.plugins.data import write_emt_dataset  # noqa: E402
-from equirelax.plugins.nequip_config import training_config, write_config  # noqa: E402
+from equirelax.datasets.emt import write_emt_dataset  # noqa: E402
+from equirelax.plugins.nequip.config import training_config, write_config  # noqa: E402
 
 CONTROLLERS = ["fixed", "cr", "ace", "ace-resilient", "recm"]
 TYPE_NAMES = ["Al", "Cu"]
@@ -44,7 +44,7 @@ def nequip_train(directory: Path, name: str, config: dict, *overrides) -> Path:
 
 
 def small_config(data: Path, **kwargs) -> dict:
-    from equirelax.plugins.nequip_config import model_config
+    from equirelax.plugins.nequip.config import model_config
 
     kwargs.setdefault("epochs", EPOCHS)
     return training_config(str(data / "train.xyz"), str(data / "test.xyz"), model=model_config(**SMALL_MODEL),

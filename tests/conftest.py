@@ -3,7 +3,7 @@ import torch
 
 import equirelax  # noqa: F401  (imports e3nn safely in either host environment)
 from equirelax.core._e3nn import o3
-from equirelax.core.synthetic import gated_e3nn_model
+from equirelax.datasets.synthetic import gated_e3nn_model
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import sys
 import torch
 
 import equirelax
-from equirelax.core.synthetic import gated_e3nn_model, make_task
+from equirelax.datasets.synthetic import gated_e3nn_model, make_task
 
 CONTROLLERS = [("fixed", {}), ("cr", {"epochs": 3}), ("ace", {}), ("ace-resilient", {}), ("recm", {})]
 BRANCHES = ("linear", "mlp")

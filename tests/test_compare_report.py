@@ -6,8 +6,11 @@ import math
 import pytest
 import yaml
 
-from equirelax.plugins import compare
-from equirelax.plugins.data import write_emt_dataset
+from equirelax import compare
+from equirelax.compare.engine import _json_run
+from equirelax.core.hosts import HostOptions
+from equirelax.plugins.mace.host import MaceHost
+from equirelax.datasets.emt import write_emt_dataset
 
 
 def _run(name, force_mae, relaxed_mae=None, gamma=None, status="ok", error=None):
@@ -108,7 +111,7 @@ def test_write_report_writes_markdown_json_and_png_plots(tmp_path):
 def test_non_finite_numbers_are_written_as_null(tmp_path):
     run = compare.Run("recm", "recm", tmp_path)
     run.test = {"relaxed": {"force_mae_mev_per_a": math.nan, "equivariance_error": {"forces": math.inf}}}
-    record = compare._json_run(run)
+    record = _json_run(run)
     assert record["test"]["relaxed"] == {"force_mae_mev_per_a": None, "equivariance_error": {"forces": None}}
     json.dumps(record, allow_nan=False)
 
@@ -160,6 +163,6 @@ def test_config_without_a_test_set_or_not_a_mapping_is_refused(tmp_path, monkeyp
 
 def test_relative_paths_are_taken_from_the_working_directory(user_config, tmp_path):
     (tmp_path / "train.xyz").write_text("")
-    host = compare.MaceHost(user_config, compare._Options(epochs=5, seed=7, test_file=None, device=None))
+    host = MaceHost(user_config, HostOptions(epochs=5, seed=7, test_file=None, device=None))
     assert host.config["train_file"] == str(tmp_path / "train.xyz")
     assert host.config["max_num_epochs"] == 5 and host.config["seed"] == 7

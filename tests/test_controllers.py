@@ -13,7 +13,7 @@ from equirelax.core.branches import LinearBranch, MLPBranch
 from equirelax.core.controllers import cr_schedule, lie_derivative_terms
 from equirelax.core.irreps import so3_generators
 from equirelax.core.projection import HaarProjector
-from equirelax.core.synthetic import gated_e3nn_model, make_task
+from equirelax.datasets.synthetic import gated_e3nn_model, make_task
 
 
 # ----------------------------------------------------------------------------- CR

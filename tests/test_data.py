@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("ase")
 
-from equirelax.plugins.data import CHARGES, emt_configurations  # noqa: E402
+from equirelax.datasets.emt import CHARGES, emt_configurations  # noqa: E402
 
 
 def test_deterministic_by_seed_and_field_is_the_stated_term():

@@ -7,8 +7,8 @@ import torch
 pytest.importorskip("torch_geometric")
 
 import equirelax  # noqa: E402
-from equirelax.adapters.egnn import EGNN, nbody_graph  # noqa: E402
-from equirelax.plugins.nbody import charged_nbody  # noqa: E402
+from equirelax.models.egnn import EGNN, nbody_graph  # noqa: E402
+from equirelax.datasets.nbody import charged_nbody  # noqa: E402
 
 
 @pytest.fixture(scope="module")

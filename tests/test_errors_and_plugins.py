@@ -7,7 +7,7 @@ import equirelax
 from equirelax.core import Controller, hookimpl
 from equirelax.core._e3nn import o3
 from equirelax.core.controllers import available_controllers
-from equirelax.core.synthetic import gated_e3nn_model, make_task
+from equirelax.datasets.synthetic import gated_e3nn_model, make_task
 
 
 def test_unknown_controller(model):

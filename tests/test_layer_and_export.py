@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import equirelax
 from equirelax.core._e3nn import o3
-from equirelax.core.synthetic import IRREPS_IN, make_task
+from equirelax.datasets.synthetic import IRREPS_IN, make_task
 
 CONTROLLERS = [("fixed", {}), ("cr", {"epochs": 4}), ("ace", {}), ("ace-resilient", {}), ("recm", {})]
 
@@ -32,7 +32,7 @@ def test_pretrained_safe_init_is_bit_identical(model, controller, options, branc
 @given(st.integers(0, 10**6), st.sampled_from(["linear", "lowrank", "mlp"]))
 def test_gamma_zero_reproduces_host_bit_for_bit_with_trained_branch(seed, branch):
     torch.manual_seed(seed)
-    from equirelax.core.synthetic import gated_e3nn_model
+    from equirelax.datasets.synthetic import gated_e3nn_model
 
     host = gated_e3nn_model().double()
     x = torch.randn(16, host.irreps_in.dim, dtype=torch.float64)

@@ -10,7 +10,7 @@ mace = pytest.importorskip("mace")
 
 import equirelax  # noqa: E402
 from equirelax.adapters.mace import DEFAULT_TARGETS, mace_batch, mace_equivariance_error  # noqa: E402
-from equirelax.plugins.data import emt_configurations  # noqa: E402
+from equirelax.datasets.emt import emt_configurations  # noqa: E402
 
 
 def tiny_mace():

@@ -54,7 +54,7 @@ def _one_step(model, handle, x, y):
 
 
 def test_breaking_measures_the_non_equivariant_output_not_gamma(model):
-    from equirelax.core.synthetic import make_task
+    from equirelax.datasets.synthetic import make_task
 
     x, y = make_task("field", 64)
     handle = equirelax.relax(model, "fixed", init="random", init_std=0.3)
@@ -82,7 +82,7 @@ def test_breaking_measures_the_non_equivariant_output_not_gamma(model):
 
 
 def test_breaking_of_an_mlp_branch_counts_all_of_it(model):
-    from equirelax.core.synthetic import make_task
+    from equirelax.datasets.synthetic import make_task
 
     x, y = make_task("field", 64)
     handle = equirelax.relax(model, "fixed", branch="mlp", init="random", init_std=0.3, gamma=0.5)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from equirelax.plugins.nbody import charged_nbody, simulate
+from equirelax.datasets.nbody import charged_nbody, simulate
 
 FIELD = np.array([0.0, 0.0, 0.5])
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import equirelax
-from equirelax.plugins.nbody import charged_nbody, nbody_graph
-from equirelax.plugins.nbody_e3nn import SteerableNBody
+from equirelax.datasets.nbody import charged_nbody, nbody_graph
+from equirelax.models.steerable_nbody import SteerableNBody
 
 LINEARS = ["embedding", "blocks.0.update", "blocks.1.update", "output"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import equirelax
-from equirelax.core.synthetic import gated_e3nn_model, make_task
+from equirelax.datasets.synthetic import gated_e3nn_model, make_task
 
 SYNCING = ("item", "__bool__", "__float__", "__int__", "cpu", "tolist", "numpy")
 

@@ -35,10 +35,11 @@ import warnings
 
 import torch
 
-from ..core.controllers import check_schedule_fits
-from ..core.handle import EXPORT_MODES, RelaxHandle, export, relax
-from ..core.layer import RelaxedLayer
-from .nequip_config import RELAXED_MODEL_TARGET as TARGET
+from ...core.controllers import check_schedule_fits
+from ...core.handle import RelaxHandle
+from ...core.patching import EXPORT_MODES, export, relax
+from ...core.layer import RelaxedLayer
+from .config import RELAXED_MODEL_TARGET as TARGET
 
 CHECKPOINT_KEY = "equirelax"
 
@@ -250,7 +251,7 @@ class EquirelaxCallback(_lightning_callback_base()):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if not self.equivariance_check or batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking:
             return
-        from ..adapters.nequip import nequip_equivariance_error
+        from ...adapters.nequip import nequip_equivariance_error
 
         generator = torch.Generator().manual_seed(trainer.current_epoch)
         self._equivariance = {}

@@ -13,7 +13,7 @@ import functools
 import torch
 from torch import nn
 
-from ._e3nn import o3
+from ..core._e3nn import o3
 
 IRREPS_IN = "4x0e+4x1o"
 IRREPS_HIDDEN = "8x0e+8x1o"

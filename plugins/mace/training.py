@@ -54,7 +54,7 @@ def validate_relax_config(section) -> dict:
         raise RelaxConfigError(f"equirelax: relax.export must be one of {EXPORT_MODES}, got {config['export']!r}")
     if not isinstance(config["options"], dict):
         raise RelaxConfigError("equirelax: relax.options must be a mapping of controller options")
-    from ..core.controllers import get_controller
+    from ...core.controllers import get_controller
 
     options = dict(config["options"])
     if config["controller"] == "cr" and "epochs" not in options:
@@ -195,7 +195,7 @@ class MaceSession:
     def metrics(self) -> dict:
         metrics = {f"equirelax/{k}": v for k, v in self.handle.metrics().items()}
         if self.probe_batch is not None:
-            from ..adapters.mace import mace_equivariance_error
+            from ...adapters.mace import mace_equivariance_error
 
             model = self.handle.model
             device = next(model.parameters()).device
@@ -373,7 +373,3 @@ def _run(config, mace_argv) -> None:
         raise
     if int(os.environ.get("RANK", "0")) == 0:  # one writer for the exported files
         session.export_models(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,193 @@
+"""The interface between a host plugin and the host-agnostic tools (``equirelax compare``, ``pretrain``, ``export``).
+
+A host plugin subclasses ``Host`` and registers it under the entry-point group
+``equirelax.hosts`` (``mace = "equirelax.plugins.mace.host:MaceHost"``) or, in
+one process, with ``register_host``. The tools then reach the host only through
+these methods; they keep no host names.
+
+compare, for each run: ``check`` (before any training), ``command`` (the host's
+own training, run in ``run.directory``), then ``curves``, ``models`` and
+``predict`` on the test set. ``run`` carries ``name``, ``controller`` (None for
+vanilla), ``relaxed``, ``directory``, ``options`` (the controller's), and
+``model_epoch``, which ``models`` sets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+
+ENTRY_POINT_GROUP = "equirelax.hosts"
+EQUIVARIANCE_CONFIGURATIONS = 8  # test configurations rotated for the equivariance error
+EVALUATION_BATCH = 16
+
+
+class HostConfigError(ValueError):
+    """A host config that no run could train with: raised before any training starts."""
+
+
+@dataclass
+class HostOptions:
+    """What the user overrides for every run of a comparison."""
+
+    epochs: int | None = None
+    seed: int | None = None
+    test_file: str | None = None
+    device: str | None = None
+
+
+class Host:
+    """One host trainer, as the tools see it. Subclasses set the attributes and implement the methods."""
+
+    name = "host"
+    package: str | None = None  # the module the host's training needs importable (None: nothing beyond equirelax)
+    extra: str | None = None  # ``pip install 'equirelax[<extra>]'`` installs it
+    config_help = "a host config file"
+    test_file_key = "test_file"  # where the host's config names its test set, for messages
+    saved_model = "lowest validation loss"  # which model of a run the host keeps, for the report
+    can_export = False
+
+    # set by __init__ from the user's config and the options
+    config: dict
+    test_file: str | None = None
+    energy_key = "energy"
+    forces_key = "forces"
+    epochs: int | None = None
+    device = "cpu"
+
+    def __init__(self, config_path: Path, options: HostOptions):
+        raise NotImplementedError
+
+    @property
+    def seed(self):
+        return self.config.get("seed")
+
+    def check(self, controller: str, options: dict) -> None:
+        """Raise (ValueError/TypeError/KeyError) when ``controller`` with ``options`` cannot run."""
+        raise NotImplementedError
+
+    def command(self, run) -> list[str]:
+        """Write the run's config into ``run.directory``; return the command line of its training."""
+        raise NotImplementedError
+
+    def curves(self, run) -> dict:
+        """``{"epoch": [...], "val_force_mae": [...] (meV/Å), "gamma": {layer: [[epoch, γ]]}, "breaking": {...}}``"""
+        raise NotImplementedError
+
+    def models(self, run) -> tuple:
+        """``(equivariant, relaxed or None)``: the saved model(s), the relaxed run's exported one first.
+        Sets ``run.model_epoch``."""
+        raise NotImplementedError
+
+    def predict(self, model, frames) -> tuple:
+        """``(energies, forces per configuration, {"energy": err, "forces": err})`` for ASE ``frames``; the
+        errors are the largest relative change under random O(3) rotations."""
+        raise NotImplementedError
+
+    @classmethod
+    def pretrain(cls, out: Path, train_file: Path, epochs: int, seed: int) -> Path:
+        """Train a small plain model on ``train_file`` with the host's own training; return where it is saved."""
+        raise NotImplementedError(f"equirelax: pretrain has no {cls.name} support")
+
+    @classmethod
+    def export(cls, checkpoint: Path, out: Path, mode: str) -> str:
+        """Write a plain host model from a relaxed checkpoint; return a line saying what to do with it."""
+        raise NotImplementedError(f"equirelax: export has no {cls.name} support")
+
+
+_registered: dict = {}
+
+
+def register_host(name: str, host: type) -> None:
+    """Make ``host`` available under ``name`` in this process (entry points do it for installed plugins)."""
+    if not (isinstance(host, type) and issubclass(host, Host)):
+        raise TypeError(f"equirelax: a host must be a subclass of equirelax.core.hosts.Host, got {host!r}")
+    _registered[name] = host
+
+
+def available_hosts() -> dict:
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    found.update(_registered)
+    return found
+
+
+def get_host(name: str) -> type:
+    found = available_hosts()
+    if name not in found:
+        raise HostConfigError(f"equirelax: unknown host {name!r}; choose one of {sorted(found)} (host plugins "
+                              f"register under the entry-point group {ENTRY_POINT_GROUP!r})")
+    host = found[name]
+    return host if isinstance(host, type) else host.load()
+
+
+# ------------------------------------------------------------- helpers for host plugins
+def load_yaml_config(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise HostConfigError(f"equirelax: no config file at {path}")
+    content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(content, dict):
+        raise HostConfigError(f"equirelax: {path} is not a YAML mapping of config keys")
+    return content
+
+
+def absolute_if_file(value, base: Path):
+    """``value`` made absolute against ``base`` when it names a file there (config paths, taken from the cwd)."""
+    if isinstance(value, str) and value and "${" not in value and not os.path.isabs(value):
+        candidate = base / value
+        if candidate.exists():
+            return str(candidate.resolve())
+    return value
+
+
+def layer_curves(curves: dict, row: dict, epoch: int) -> None:
+    """γ and symmetry breaking per layer from one logged row (``equirelax/gamma/<layer>``, ``equirelax/breaking/…``)."""
+    for key, value in row.items():
+        for quantity in ("gamma", "breaking"):
+            prefix = f"equirelax/{quantity}/"
+            if key.startswith(prefix) and value not in (None, ""):
+                curves[quantity].setdefault(key[len(prefix):], []).append([epoch, float(value)])
+
+
+def empty_curves() -> dict:
+    return {"epoch": [], "val_force_mae": [], "gamma": {}, "breaking": {}}
+
+
+class EpochTimer:
+    """Training seconds of each epoch, written to ``path`` (``epochs.json``, which compare reads) after each."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.seconds: list[float] = []
+        self.best_checkpoint = None
+        self._start = None
+
+    def start(self):
+        self._start = time.perf_counter()
+
+    def stop(self):
+        if self._start is not None:
+            self.seconds.append(time.perf_counter() - self._start)
+            self._start = None
+            self.write()
+
+    def write(self):
+        with open(self.path, "w", encoding="utf-8") as handle:
+            json.dump({"epoch_seconds": self.seconds, "best_checkpoint": self.best_checkpoint}, handle)
+
+
+def write_resources(run_dir: str) -> None:
+    """Peak memory of this training process, as ``resources.json`` in ``run_dir`` (compare reads it)."""
+    import torch
+
+    record = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "peak_gpu_mb": None}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        record["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    with open(os.path.join(run_dir, "resources.json"), "w", encoding="utf-8") as handle:
+        json.dump(record, handle)

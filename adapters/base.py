@@ -49,6 +49,10 @@ class Adapter:
     def spec(self, module: nn.Module) -> LayerSpec:
         raise NotImplementedError
 
+    def short_name(self, name: str) -> str:
+        """The layer's name in logs, reports and plots: the module path without the host's fixed wrappers."""
+        return name
+
     def merge(self, layer, weight) -> None:
         """Fold ``weight`` (dense [dim_out, dim_in_features], equivariant) into ``layer.base``."""
         raise NotImplementedError

@@ -43,6 +43,13 @@ class NequipAdapter(E3nnAdapter):
             name: m for name, m in model.named_modules() if isinstance(m, RELAXABLE) or self.is_linear(m)
         }
 
+    def short_name(self, name):
+        # a NequIP GraphModel keeps its network under model.func (``model.func.layer0_convnet.conv.linear_1``)
+        for wrapper in ("model.func.", "func."):
+            if name.startswith(wrapper):
+                return name[len(wrapper):]
+        return name
+
     def default_targets(self, model):
         return {
             name: module

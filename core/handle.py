@@ -134,14 +134,30 @@ class RelaxHandle:
                 if layer._parameters.get(name) is not None:
                     yield layer._parameters[name]
 
+    def short_names(self) -> dict:
+        """``{layer: short name}``: what logs, reports and plots call each layer (the adapter's short name;
+        the full module path where two would coincide)."""
+        short = {name: self.adapter.short_name(name) for name in self.layers}
+        if len(set(short.values())) < len(short):
+            return {name: name for name in self.layers}
+        return short
+
     def metrics(self) -> dict:
-        """Scalars to log: γ per layer plus the controller's own (λ, slack, gap, θ)."""
+        """Scalars to log: γ per layer plus the controller's own (λ, slack, gap, θ); layers by short name."""
         metrics = {f"gamma/{name}": value for name, value in self.levels().items()}
         metrics.update({f"breaking/{name}": value for name, value in self.breaking().items()})
         for extra in self.hook.equirelax_metrics(handle=self):
             metrics.update(extra or {})
         metrics["nonfinite_steps"] = self._first().state("nonfinite").item()
-        return metrics
+        renamed = {}
+        short = {full: name for full, name in self.short_names().items() if full != name}
+        for key, value in metrics.items():
+            for full, name in short.items():
+                if key.endswith("/" + full):
+                    key = key[: -len(full)] + name
+                    break
+            renamed[key] = value
+        return renamed
 
     def _first(self) -> RelaxedLayer:
         return next(iter(self.layers.values()))

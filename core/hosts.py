@@ -71,6 +71,18 @@ class Host:
         """Raise (ValueError/TypeError/KeyError) when ``controller`` with ``options`` cannot run."""
         raise NotImplementedError
 
+    def check_inputs(self) -> None:
+        """Raise ``HostConfigError`` for a problem every run would hit (a data file that is not there)."""
+
+    def own_test_set(self) -> str | None:
+        """When the config defines its test set other than as a file (a split of the data, a dataset class): a
+        description of it for the report; None otherwise. Consulted only when no test file is given."""
+        return None
+
+    def own_test_frames(self) -> list:
+        """That test set as ASE ``Atoms`` with reference energy and forces (in ``info``/``arrays`` or a calculator)."""
+        raise NotImplementedError
+
     def command(self, run) -> list[str]:
         """Write the run's config into ``run.directory``; return the command line of its training."""
         raise NotImplementedError
@@ -144,6 +156,18 @@ def absolute_if_file(value, base: Path):
         if candidate.exists():
             return str(candidate.resolve())
     return value
+
+
+def looks_like_file(value) -> bool:
+    """A config value meant as a file path (not a keyword such as ``average`` or ``mp``, not an interpolation)."""
+    return (isinstance(value, str) and bool(value) and "${" not in value and not any(c in value for c in "*?[")
+            and ("/" in value or os.sep in value or Path(value).suffix != ""))
+
+
+def missing_file(key: str, value) -> HostConfigError:
+    where = Path(value) if os.path.isabs(value) else Path.cwd() / value
+    return HostConfigError(f"equirelax: {key}: no file at {where} (relative paths in the config are taken from the "
+                           "directory compare runs in)")
 
 
 def layer_curves(curves: dict, row: dict, epoch: int) -> None:

@@ -79,7 +79,7 @@ def main(argv=None):
             host = _installed_host(args.host, "pretrain")
             args.out.mkdir(parents=True, exist_ok=True)
             write_emt_dataset(args.out / "sym.xyz", args.n, seed=args.seed)
-            path = host.pretrain(args.out, args.out / "sym.xyz", args.epochs, args.seed)
+            path = host.pretrain(args.out, (args.out / "sym.xyz").resolve(), args.epochs, args.seed)
             print(f"pretrained {args.host} potential saved to {path}")
     except (HostConfigError, ValueError) as error:
         message = str(error)

@@ -143,3 +143,26 @@ def test_nequip_compare_matches_nequips_own_test_metrics(tmp_path):
     written = yaml.safe_load((out / "runs" / "ace-resilient" / "config.yaml").read_text())
     assert written["training_module"]["model"]["_target_"] == "equirelax.plugins.nequip.RelaxedModel"
     assert written["training_module"]["model"]["model"] == config["training_module"]["model"]
+
+
+
+def test_nequip_compare_evaluates_on_nequips_own_test_split(tmp_path):
+    """No test file: the config's split_dataset.test is the test set, the same configurations NequIP tests."""
+    pytest.importorskip("nequip")
+    from equirelax.plugins.nequip.config import model_config, training_config, write_config
+
+    write_emt_dataset(tmp_path / "train.xyz", 25, seed=0, field=FIELD)
+    config = training_config("train.xyz", model=model_config(num_features=8), epochs=1)
+    config["data"]["split_dataset"].update({"train": 0.6, "val": 0.2, "test": 0.2})
+    config["run"] = ["train", "test"]
+    write_config(tmp_path, "nequip", config)
+    result = _compare(tmp_path, "--host", "nequip", "--config", "nequip.yaml", "--controllers", "vanilla")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["test_file"] == f"NequIP's own test set (data.split_dataset.test of {tmp_path / 'train.xyz'})"
+    assert results["test_configurations"] == 5
+    (vanilla,) = results["runs"]
+    with open(tmp_path / "out" / "runs" / "vanilla" / "csv" / "version_0" / "metrics.csv") as handle:
+        row = next(r for r in csv.DictReader(handle) if r.get("test0_epoch/forces_mae"))
+    assert vanilla["test"]["equivariant"]["force_mae_mev_per_a"] == pytest.approx(
+        1000 * float(row["test0_epoch/forces_mae"]), rel=1e-6)

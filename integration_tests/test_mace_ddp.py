@@ -56,5 +56,5 @@ def test_every_rank_holds_identical_weights_and_controller_state(ddp_runs, contr
     assert len(gammas) == 4 and [k for k in rank0 if ".ctrl_" in k]
     if controller == "recm":
         assert all(g < 0.99 for g in gammas.values())
-    exported = torch.load(directory / "ddp_exported.model", weights_only=False)
+    exported = torch.load(directory / "ddp.model", weights_only=False)
     assert not any(type(m).__module__.startswith("equirelax") for m in exported.modules())

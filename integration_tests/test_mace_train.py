@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -51,7 +52,7 @@ def results(workdir):
 
 
 def exported_error(workdir):
-    model = torch.load(workdir / "tiny_exported.model", weights_only=False)
+    model = torch.load(workdir / "tiny.model", weights_only=False)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # MACE builds batches in the default dtype; the model is float64
     try:
@@ -98,7 +99,7 @@ def test_config_without_relax_trains_exactly_like_mace_run_train(tmp_path, data_
     b = torch.load(tmp_path / "theirs" / "tiny.model", weights_only=False).state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not (tmp_path / "ours" / "tiny_exported.model").exists()
+    assert not (tmp_path / "ours" / "tiny_relaxed.model").exists()
 
 
 def test_run_killed_mid_epoch_resumes_the_controller_trajectory(tmp_path, data_dir):
@@ -190,7 +191,7 @@ from ase.md.verlet import VelocityVerlet
 from mace.calculators import MACECalculator
 
 atoms = read("test.xyz", 0)
-atoms.calc = MACECalculator(model_paths="tiny_exported.model", device="cpu", default_dtype="float64")
+atoms.calc = MACECalculator(model_paths="tiny.model", device="cpu", default_dtype="float64")
 start = atoms.get_potential_energy() + atoms.get_kinetic_energy()
 VelocityVerlet(atoms, 0.5 * units.fs).run(20)
 end = atoms.get_potential_energy() + atoms.get_kinetic_energy()
@@ -202,7 +203,7 @@ print("MD-OK", abs(end - start))
 def test_exported_model_runs_ase_md_without_equirelax(tmp_path, data_dir):
     result = run(CLI, tmp_path, data_dir, {**BASE, "relax": {"controller": "recm"}})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "tiny_exported_compiled.model").exists()
+    assert (tmp_path / "tiny_compiled.model").exists()
     md = subprocess.run([sys.executable, "-c", MD_SCRIPT], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert md.returncode == 0, md.stderr[-3000:]
     drift = float(md.stdout.split("MD-OK")[1])
@@ -224,7 +225,7 @@ sys.meta_path.insert(0, NotInstalled())
 """
 LOAD_RELAXED = """
 from mace.calculators import MACECalculator
-MACECalculator(model_paths="tiny.model", device="cpu", default_dtype="float64")
+MACECalculator(model_paths="tiny_relaxed.model", device="cpu", default_dtype="float64")
 """
 
 
@@ -245,3 +246,45 @@ def test_equirelax_data_and_pretrain_commands(tmp_path):
     assert pre.returncode == 0, pre.stderr[-3000:]
     model = torch.load(tmp_path / "pre" / "pretrained.model", weights_only=False)
     assert type(model).__name__ in ("MACE", "ScaleShiftMACE")
+
+
+def test_multihead_fine_tuning_with_an_empty_relax_section(tmp_path, data_dir):
+    """A foundation model fine-tuned multihead with ``relax:`` left empty: the start-up says the defaults are used,
+    γ is logged once per evaluation (not once per head), the outputs follow MACE's names and MACE's TEST table is
+    given for the exported model too."""
+    pre = run(CLI, tmp_path / "pre", data_dir, {**BASE, "name": "pre", "max_num_epochs": 1})
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    config = {**BASE, "max_num_epochs": 1, "foundation_model": str(tmp_path / "pre" / "pre.model"),
+              "pt_train_file": "train.xyz", "E0s": "foundation", "relax": None}
+    result = run(CLI, tmp_path / "mh", data_dir, config)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "Using heads: ['Default', 'pt_head']" in log
+    assert "the relax section is empty, so every relax setting is its default (controller 'ace'" in log
+    evaluations = [line for line in log.splitlines() if "head: Default, loss=" in line]
+    gamma_lines = [line for line in log.splitlines() if "INFO: equirelax: gamma/interactions.0.linear=" in line]
+    assert len(evaluations) == 2 and len(gamma_lines) == len(evaluations)
+
+    directory = tmp_path / "mh"
+    plain = torch.load(directory / "tiny.model", weights_only=False)
+    relaxed = torch.load(directory / "tiny_relaxed.model", weights_only=False)
+    assert not any(type(m).__module__.startswith("equirelax") for m in plain.modules())
+    assert any(type(m).__name__ == "RelaxedLayer" for m in relaxed.modules())
+    assert (directory / "tiny_compiled.model").exists()
+
+    test_tables = log.split("Error-table on TEST")[-1]
+    assert "equirelax: relaxed model (tiny_relaxed.model)" in test_tables
+    exported_table = test_tables.split("equirelax: exported model (tiny.model, branches merged")[1]
+    row = next(line for line in exported_table.splitlines() if "Default_Default" in line)
+    table_rmse_f = float(row.split("|")[3])
+    from ase.io import read
+    from mace.calculators import MACECalculator
+
+    calculator = MACECalculator(model_paths=str(directory / "tiny.model"), device="cpu", default_dtype="float64")
+    errors = []
+    for atoms in read(directory / "test.xyz", ":"):
+        reference = atoms.arrays["REF_forces"]
+        atoms.calc = calculator
+        errors.append((atoms.get_forces() - reference).ravel())
+    rmse_f = 1000 * float(np.sqrt(np.mean(np.concatenate(errors) ** 2)))
+    assert table_rmse_f == pytest.approx(rmse_f, abs=0.051)  # MACE's table has one decimal

@@ -118,9 +118,41 @@ def test_each_controller_trains_logs_and_exports_an_equivariant_model(runs, test
 
     exported = load(out / "exported.ckpt")
     assert not [type(m) for m in exported.modules() if type(m).__module__.startswith("equirelax")]
+
     error = nequip_equivariance_error(exported, dict(test_batch), n_rotations=2,
                                       generator=torch.Generator().manual_seed(0))
     assert error["forces"]["max"] < 1e-10 and error["energy"]["max"] < 1e-10, error
+
+
+def test_the_run_says_what_it_relaxed_and_logs_gamma_in_train_log_by_short_names(runs):
+    short = ["layer0_convnet.conv.linear_1", "layer0_convnet.conv.linear_2", "layer1_convnet.conv.linear_1",
+             "layer1_convnet.conv.linear_2"]
+    rows = logged(runs["ace"])
+    assert sorted(k[len("equirelax/gamma/"):] for k in rows[0] if k.startswith("equirelax/gamma/")) == short
+    assert column(rows, "equirelax/gamma_max")  # the progress bar's number
+    log = (runs["ace"] / "train.log").read_text()
+    assert f"equirelax: relaxed {short} with controller 'ace'" in log
+    epochs = [line for line in log.splitlines() if "equirelax: epoch " in line]
+    assert len(epochs) == EPOCHS and all("gamma/layer0_convnet.conv.linear_1=" in line for line in epochs)
+
+
+def test_nequips_test_metrics_are_given_for_the_exported_model_too(runs, data, test_batch):
+    from ase.io import read
+
+    from equirelax.adapters.nequip import OUTPUT_KEYS
+
+    out = runs["fixed"]  # γ = 0.5 with a random branch: the exported model predicts differently
+    rows = logged(out)
+    relaxed, exported = column(rows, "test0_epoch/forces_mae"), column(rows, "exported_test0_epoch/forces_mae")
+    assert len(relaxed) == 1 and len(exported) == 1
+    model = load(out / "exported.ckpt")
+    predicted = model({k: v for k, v in dict(test_batch).items() if k not in OUTPUT_KEYS})["forces"].detach()
+    reference = torch.cat([torch.as_tensor(a.arrays["REF_forces"]) for a in read(data / "test.xyz", ":")])
+    assert exported[0] == pytest.approx(float((predicted - reference).abs().mean()), rel=1e-6)
+    assert abs(exported[0] - relaxed[0]) > 1e-4
+    line = next(line for line in (out / "train.log").read_text().splitlines()
+                if "equirelax: test set 0, the exported model (branches merged, what exported.ckpt holds): " in line)
+    assert f" forces_mae={exported[0]:.6g}," in line
 
 
 def test_export_equals_the_projected_relaxed_model(runs, test_batch):
@@ -277,6 +309,9 @@ def test_finetune_saved_model_starts_from_identical_predictions(data, test_batch
     ("callback_without_relaxed_model", "found no relaxed layer"),
     ("cr_schedule_longer_than_training", "the trainer stops after max_epochs=2"),
     ("unknown_controller", "unknown controller 'acme'"),
+    ("relaxed_model_without_callback", "no controller drives them: add `- _target_: "
+                                       "equirelax.plugins.nequip.EquirelaxCallback` to trainer.callbacks"),
+    ("options_not_a_mapping", "relax.options must be a mapping of controller options, got [1, 2]"),
 ])
 def test_bad_nequip_configs_fail_with_a_clear_message(data, case, message):
     config = small_config(data)
@@ -285,6 +320,12 @@ def test_bad_nequip_configs_fail_with_a_clear_message(data, case, message):
         config["trainer"]["callbacks"].append({"_target_": "equirelax.plugins.nequip.EquirelaxCallback"})
     elif case == "cr_schedule_longer_than_training":
         config = small_config(data, relax={"controller": "cr", "options": {"epochs": 5}})
+    elif case == "relaxed_model_without_callback":
+        config = small_config(data, relax={"controller": "ace"})
+        callbacks = config["trainer"]["callbacks"]
+        callbacks[:] = [c for c in callbacks if c["_target_"] != "equirelax.plugins.nequip.EquirelaxCallback"]
+    elif case == "options_not_a_mapping":
+        config = small_config(data, relax={"controller": "ace", "options": [1, 2]})
     else:
         config = small_config(data, relax={"controller": "acme"})
     result = run_nequip_train(data, case, config)

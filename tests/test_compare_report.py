@@ -166,3 +166,28 @@ def test_relative_paths_are_taken_from_the_working_directory(user_config, tmp_pa
     host = MaceHost(user_config, HostOptions(epochs=5, seed=7, test_file=None, device=None))
     assert host.config["train_file"] == str(tmp_path / "train.xyz")
     assert host.config["max_num_epochs"] == 5 and host.config["seed"] == 7
+
+
+def test_relative_pretraining_files_are_resolved_and_a_missing_one_stops_compare(user_config, tmp_path):
+    (tmp_path / "train.xyz").write_text("")
+    (tmp_path / "pt.xyz").write_text("")
+    config = yaml.safe_load(user_config.read_text())
+    user_config.write_text(yaml.safe_dump({**config, "pt_train_file": "pt.xyz", "foundation_model": "small"}))
+    host = MaceHost(user_config, HostOptions())
+    assert host.config["pt_train_file"] == str(tmp_path / "pt.xyz")
+    host.check_inputs()  # "small" names a foundation model, not a file
+    user_config.write_text(yaml.safe_dump({**config, "pt_train_file": "data/pt_missing.xyz"}))
+    with pytest.raises(compare.CompareError, match="pt_train_file: no file at .*data/pt_missing.xyz"):
+        compare.compare("mace", user_config, tmp_path / "out", ["vanilla", "ace"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_nequip_data_file_stops_compare(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_emt_dataset(tmp_path / "test.xyz", 3, seed=1)
+    config = {"data": {"split_dataset": {"file_path": "train_missing.xyz"}, "test_file_path": "test.xyz"},
+              "trainer": {"max_epochs": 1}, "training_module": {"model": {"_target_": "nequip.model.NequIPGNNModel"}}}
+    (tmp_path / "nequip.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(compare.CompareError, match="file_path: no file at .*train_missing.xyz"):
+        compare.compare("nequip", tmp_path / "nequip.yaml", tmp_path / "out", ["vanilla"])
+    assert not (tmp_path / "out").exists()

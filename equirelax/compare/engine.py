@@ -97,10 +97,12 @@ def _read_reference(frames, energy_key: str, forces_key: str):
     return energies, forces
 
 
-def _relaxed_levels(model) -> dict:
-    from ..core.layer import RelaxedLayer
+def _by_short_name(model, values: dict) -> dict:
+    """``values`` per layer, named as the run's logs name them (``RelaxHandle.short_names``)."""
+    from ..core.handle import RelaxHandle
 
-    return {name: float(m.gamma.detach()) for name, m in model.named_modules() if isinstance(m, RelaxedLayer)}
+    names = RelaxHandle.attach(model).short_names()
+    return {names.get(name, name): value for name, value in values.items()}
 
 
 # ----------------------------------------------------------------------- running
@@ -162,8 +164,10 @@ def _finish(host, run: Run, frames, reference) -> None:
 
         with symmetry_breaking(relaxed) as breaking:
             run.test["relaxed"] = _evaluate(host, relaxed, frames, reference)
-        run.gamma = _relaxed_levels(relaxed)
-        run.breaking = breaking
+        from ..core.handle import RelaxHandle
+
+        run.gamma = _by_short_name(relaxed, RelaxHandle.attach(relaxed).levels())
+        run.breaking = _by_short_name(relaxed, breaking)
 
 
 def compare(host_name: str, config_path: Path, out: Path, controllers=DEFAULT_CONTROLLERS, *, epochs=None,
@@ -186,14 +190,17 @@ def compare(host_name: str, config_path: Path, out: Path, controllers=DEFAULT_CO
         raise CompareError("equirelax: --controller-options: vanilla is the host's own training and takes no options")
     options = HostOptions(epochs=epochs, seed=seed, test_file=test_file, device=device)
     host = host_class(Path(config_path), options)
-    if not host.test_file:
+    own_test_set = None if host.test_file else host.own_test_set()
+    if not host.test_file and own_test_set is None:
         raise CompareError("equirelax: compare evaluates on a test set: give the config one "
                            f"({host.test_file_key}) or pass --test-file")
-    test_path = Path(host.test_file)
-    test_path = test_path if test_path.is_absolute() else Path.cwd() / test_path
-    if not test_path.is_file():
-        raise CompareError(f"equirelax: no test file at {test_path} (relative paths in the config are taken from "
-                           "the directory compare runs in)")
+    test_path = None
+    if host.test_file:
+        test_path = Path(host.test_file)
+        test_path = test_path if test_path.is_absolute() else Path.cwd() / test_path
+        if not test_path.is_file():
+            raise CompareError(f"equirelax: no test file at {test_path} (relative paths in the config are taken "
+                               "from the directory compare runs in)")
     for controller in controllers:  # unknown controllers and bad options stop here, before any training
         if controller != "vanilla":
             if not isinstance(controller_options.get(controller, {}), dict):
@@ -204,10 +211,13 @@ def compare(host_name: str, config_path: Path, out: Path, controllers=DEFAULT_CO
                 message = str(error).strip("'\"")
                 raise CompareError(message if message.startswith("equirelax") else
                                    f"equirelax: controller {controller!r}: {message}") from None
+    host.check_inputs()  # a config problem every run would hit stops compare here, before the first run
     if host.package is not None and importlib.util.find_spec(host.package) is None:
         raise CompareError(f"equirelax: compare --host {host_name} needs {host.package} in this environment: "
                            f"pip install 'equirelax[{host.extra or host_name}]'")
-    frames = read(str(test_path), ":")
+    frames = read(str(test_path), ":") if test_path is not None else host.own_test_frames()
+    if not frames:
+        raise CompareError(f"equirelax: the test set ({test_path or own_test_set}) holds no configuration")
     reference = _read_reference(frames, host.energy_key, host.forces_key)
 
     out = Path(out).resolve()
@@ -242,7 +252,7 @@ def compare(host_name: str, config_path: Path, out: Path, controllers=DEFAULT_CO
             print(f"equirelax compare: evaluating {controller} failed ({run.error})", flush=True)
 
     results = {
-        "host": host_name, "config": str(Path(config_path).resolve()), "test_file": str(test_path),
+        "host": host_name, "config": str(Path(config_path).resolve()), "test_file": str(test_path) if test_path is not None else own_test_set,
         "test_configurations": len(frames), "epochs": host.epochs, "seed": host.seed,
         "saved_model": host.saved_model,
         "controllers": controllers, "controller_options": controller_options,

@@ -24,6 +24,8 @@ from ...core.hosts import (
     empty_curves,
     layer_curves,
     load_yaml_config,
+    looks_like_file,
+    missing_file,
     write_resources,
 )
 
@@ -41,7 +43,8 @@ class MaceHost(Host):
     extra = "mace"
     config_help = "a MACE YAML config"
     test_file_key = "test_file"
-    PATH_KEYS = ("train_file", "valid_file", "test_file", "test_dir", "foundation_model", "statistics_file", "E0s")
+    PATH_KEYS = ("train_file", "valid_file", "test_file", "test_dir", "pt_train_file", "pt_valid_file",
+                 "foundation_model", "statistics_file", "E0s")
     # outputs stay in the run's own directory; a fresh run never resumes an earlier one
     DROPPED_KEYS = ("work_dir", "model_dir", "log_dir", "checkpoints_dir", "results_dir", "restart_latest")
 
@@ -49,7 +52,9 @@ class MaceHost(Host):
         config = load_yaml_config(config_path)
         base = Path.cwd()
         for key in self.PATH_KEYS:
-            if key in config:
+            if isinstance(config.get(key), list):
+                config[key] = [absolute_if_file(value, base) for value in config[key]]
+            elif key in config:
                 config[key] = absolute_if_file(config[key], base)
         for key in self.DROPPED_KEYS:
             config.pop(key, None)
@@ -76,6 +81,13 @@ class MaceHost(Host):
 
         validate_relax_config(self.relax_section(controller, options))
 
+    def check_inputs(self) -> None:
+        for key in self.PATH_KEYS:
+            values = self.config.get(key)
+            for value in values if isinstance(values, list) else [values]:
+                if looks_like_file(value) and not Path(value).exists():
+                    raise missing_file(key, value)
+
     def command(self, run) -> list[str]:
         import yaml
 
@@ -95,7 +107,7 @@ class MaceHost(Host):
             if not line.strip():
                 continue
             row = json.loads(line)
-            if row.get("mode") != "eval":
+            if row.get("mode") != "eval" or row.get("head") == "pt_head":  # the user's head, not the pretraining one
                 continue
             epoch = 0 if row.get("epoch") is None else int(row["epoch"]) + 1
             curves["epoch"].append(epoch)
@@ -106,24 +118,25 @@ class MaceHost(Host):
     def models(self, run) -> tuple:
         import torch
 
+        def load(path):
+            return torch.load(path, map_location=self.device, weights_only=False).eval()
+
         model_path = run.directory / f"{run.name}.model"
         if not model_path.exists():
             raise HostConfigError(f"the run wrote no model ({model_path.name})")
-        model = torch.load(model_path, map_location=self.device, weights_only=False).eval()
         # MACE keeps one checkpoint, the best so far: its epoch is the saved model's
         kept = [int(m.group(1)) for p in (run.directory / "checkpoints").glob("*.pt")
                 if (m := re.search(r"_epoch-(\d+)", p.name))]
         run.model_epoch = max(kept) + 1 if kept else None
         if not run.relaxed:
-            return model, None
-        exported_path = run.directory / f"{run.name}_exported.model"
-        if exported_path.exists():
-            exported = torch.load(exported_path, map_location=self.device, weights_only=False).eval()
-        else:  # relax.export: none in the config: export here, as the run would have
-            from ...core.patching import export
+            return load(model_path), None
+        relaxed_path = run.directory / f"{run.name}_relaxed.model"
+        if relaxed_path.exists():  # <name>.model is the exported plain MACE model, as the run wrote it
+            return load(model_path), load(relaxed_path)
+        from ...core.patching import export  # relax.export: none: export here, as the run would have
 
-            exported = export(copy.deepcopy(model), mode="merge")
-        return exported, model
+        relaxed = load(model_path)
+        return export(copy.deepcopy(relaxed), mode="merge"), relaxed
 
     def predict(self, model, frames):
         import torch

@@ -33,8 +33,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-RELAX_KEYS = {"controller", "targets", "branch", "rank", "init", "init_std", "group", "export", "options",
-              "on_nonfinite"}
+RELAX_KEYS = ("controller", "targets", "branch", "rank", "init", "init_std", "group", "export", "options",
+              "on_nonfinite")
 EXPORT_MODES = ("merge", "drop", "none")
 CHECKPOINT_KEY = "equirelax"
 
@@ -44,23 +44,10 @@ class RelaxConfigError(ValueError):
 
 
 def validate_relax_config(section) -> dict:
-    if not isinstance(section, dict):
-        raise RelaxConfigError(f"equirelax: the 'relax' section must be a mapping, got {section!r}")
-    unknown = sorted(set(section) - RELAX_KEYS)
-    if unknown:
-        raise RelaxConfigError(f"equirelax: unknown key(s) {unknown} in 'relax'; allowed: {sorted(RELAX_KEYS)}")
-    config = {"controller": "ace", "branch": "linear", "init": "zero", "export": "merge", "options": {}, **section}
-    if config["export"] not in EXPORT_MODES:
-        raise RelaxConfigError(f"equirelax: relax.export must be one of {EXPORT_MODES}, got {config['export']!r}")
-    if not isinstance(config["options"], dict):
-        raise RelaxConfigError("equirelax: relax.options must be a mapping of controller options")
-    from ...core.controllers import get_controller
+    """The ``relax`` section checked (``equirelax.core.settings``, as for every host) and completed with defaults."""
+    from ...core.settings import validate_relax_settings
 
-    options = dict(config["options"])
-    if config["controller"] == "cr" and "epochs" not in options:
-        options["epochs"] = 1  # filled in from MACE's max_num_epochs once the arguments are parsed
-    get_controller(config["controller"], **options)  # fail before MACE starts, with a clear message
-    return config
+    return validate_relax_settings(section, keys=RELAX_KEYS)
 
 
 def split_relax_config(argv: list[str]):
@@ -73,14 +60,15 @@ def split_relax_config(argv: list[str]):
 
     argv = list(argv)
     section = None
+    given = False  # a relax section present, even an empty one (``relax:`` with every key commented out)
     stripped_path = None
     for i, arg in enumerate(argv):
         if arg.startswith("--relax="):
-            section = json.loads(arg.split("=", 1)[1])
+            section, given = json.loads(arg.split("=", 1)[1]), True
             del argv[i]
             break
         if arg == "--relax":
-            section = json.loads(argv[i + 1])
+            section, given = json.loads(argv[i + 1]), True
             del argv[i : i + 2]
             break
     for i, arg in enumerate(argv):
@@ -89,9 +77,9 @@ def split_relax_config(argv: list[str]):
             with open(path, encoding="utf-8") as handle:
                 content = yaml.safe_load(handle) or {}
             if "relax" in content:
-                if section is not None:
+                if given:
                     raise RelaxConfigError("equirelax: relax settings given both in --relax and in the YAML config")
-                section = content.pop("relax")
+                section, given = content.pop("relax"), True
                 stripped = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, prefix="mace-config-")
                 yaml.safe_dump(content, stripped)
                 stripped.close()
@@ -101,7 +89,11 @@ def split_relax_config(argv: list[str]):
                 else:
                     argv[i + 1] = stripped.name
             break
-    return (None if section is None else validate_relax_config(section)), argv, stripped_path
+    if not given:
+        return None, argv, stripped_path
+    config = validate_relax_config(section)
+    config["all_defaults"] = not section  # said at start-up: an empty section relaxes with every default
+    return config, argv, stripped_path
 
 
 class MaceSession:
@@ -111,6 +103,8 @@ class MaceSession:
         self.config = config
         self.handle = None
         self.probe_batch = None
+        self._evaluation, self._metrics = None, {}
+        self.model_names: dict = {}
 
     @staticmethod
     def total_steps(args, train_loader) -> int | None:
@@ -139,6 +133,13 @@ class MaceSession:
                 model, c["controller"], targets=c.get("targets"), branch=c["branch"], init=c["init"],
                 adapter="mace", total_steps=self.total_steps(args, train_loader), **extra, **options,
             )
+            if c["export"] != "none":
+                self.model_names = {"relaxed": f"{args.name}_relaxed.model", "exported": f"{args.name}.model"}
+            if c.get("all_defaults"):
+                logging.info("equirelax: the relax section is empty, so every relax setting is its default "
+                              f"(controller {c['controller']!r}, branch {c['branch']!r}, init {c['init']!r}, "
+                              f"export {c['export']!r}, the MACE adapter's default targets); remove the section "
+                              "to train without relaxation")
             logging.info(f"equirelax: relaxed {sorted(self.handle.layers)} with controller {c['controller']!r}")
             with contextlib.suppress(StopIteration, TypeError):
                 self.probe_batch = next(iter(train_loader))
@@ -184,10 +185,14 @@ class MaceSession:
     def valid_err_log(self, original):
         def valid_err_log(valid_loss, eval_metrics, logger, *args, **kwargs):
             if self.handle is not None:
-                metrics = self.metrics()
-                eval_metrics.update(metrics)
-                text = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-                logging.info(f"equirelax: {text}")
+                # MACE calls this once per head: measure and log once per evaluation, give every head the numbers
+                epoch = kwargs.get("epoch", args[1] if len(args) > 1 else None)
+                evaluation = (epoch, self.handle.step)
+                if self._evaluation != evaluation:
+                    self._evaluation, self._metrics = evaluation, self.metrics()
+                    text = ", ".join(f"{k[len('equirelax/'):]}={v:.4g}" for k, v in self._metrics.items())
+                    logging.info(f"equirelax: {text}")
+                eval_metrics.update(self._metrics)
             return original(valid_loss, eval_metrics, logger, *args, **kwargs)
 
         return valid_err_log
@@ -250,6 +255,7 @@ class MaceSession:
             (run_train, "configure_model"), (run_train, "get_params_options"), (run_train, "get_optimizer"),
             (train_module, "train_one_epoch"), (train_module, "valid_err_log"),
             (CheckpointBuilder, "create_checkpoint"), (CheckpointBuilder, "load_checkpoint"),
+            (run_train, "create_error_table"),
         ]
         saved = [(module, name, module.__dict__[name] if isinstance(module, type) else getattr(module, name))
                  for module, name in patches]
@@ -264,43 +270,86 @@ class MaceSession:
                 setattr(module, name, original)
 
     # ----------------------------------------------------------------- export
+    def create_error_table(self, original):
+        # MACE's final error tables are of the relaxed model; the model a user ships is the exported one,
+        # so each table is followed by the same table for it (MACE's own evaluation, labelled)
+        def create_error_table(*args, **kwargs):
+            table = original(*args, **kwargs)
+            mode = self.config["export"]
+            model = kwargs.get("model")
+            if self.handle is None or mode == "none" or model is None:
+                return table
+            import equirelax
+
+            exported = equirelax.export(copy.deepcopy(getattr(model, "module", model)), mode=mode)
+            exported_table = original(*args, **{**kwargs, "model": exported})
+            name = self.model_names.get("exported", "the exported model")
+            return _LabelledTables([(f"relaxed model ({self.model_names.get('relaxed', 'with branches')})", table),
+                                    (f"exported model ({name}, branches {mode}d: the model to use)",
+                                     exported_table)])
+
+        return create_error_table
+
     def export_models(self, args) -> list[Path]:
-        """Write ``<name>_exported.model`` (plain MACE, branches merged or dropped) next to MACE's models."""
+        """MACE's conventions for what a user runs: ``<name>.model`` becomes the exported plain MACE model
+        (branches merged or dropped) and ``<name>_compiled.model`` its TorchScript; the relaxed model, which
+        needs equirelax, is kept as ``<name>_relaxed.model``. With ``export: none`` MACE's files stay as written."""
         import torch
 
         import equirelax
 
         mode = self.config["export"]
-        if mode == "none":
-            return []
         written = []
         for stem in (args.name, f"{args.name}_stagetwo"):
             source = Path(args.model_dir) / f"{stem}.model"
             if not source.exists():
                 continue
+            if mode == "none":
+                logging.info(f"equirelax: {source} is the relaxed model (export: none); loading it needs equirelax")
+                continue
             model = torch.load(source, map_location="cpu", weights_only=False)
+            relaxed = Path(args.model_dir) / f"{stem}_relaxed.model"
+            os.replace(source, relaxed)
             equirelax.export(model, mode=mode)
-            target = Path(args.model_dir) / f"{stem}_exported.model"
-            torch.save(model, target)
-            logging.info(f"equirelax: exported plain MACE model ({mode}) to {target}")
-            written.append(target)
+            torch.save(model, source)
+            written += [source, relaxed]
+            compiled = Path(args.model_dir) / f"{stem}_compiled.model"
+            compiled.unlink(missing_ok=True)  # MACE's compile of the relaxed model, if it had one
             try:  # as MACE does for its own models: a TorchScript file for LAMMPS and other C++ hosts
                 from e3nn.util import jit
 
                 import warnings
 
-                compiled = Path(args.model_dir) / f"{stem}_exported_compiled.model"
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # TorchScript's notes on e3nn's annotations
                     torch.jit.save(jit.compile(copy.deepcopy(model)), compiled)
                 written.append(compiled)
             except Exception as error:  # noqa: BLE001  (MACE skips compilation failures the same way)
                 logging.warning(f"equirelax: could not compile the exported model: {error}")
+            logging.info(f"equirelax: {source}: plain MACE model, branches {mode}d (MACECalculator, no equirelax "
+                         f"needed)" + (f"; {compiled}: its TorchScript (LAMMPS)" if compiled.exists() else "")
+                         + f"; {relaxed}: the relaxed model (needs equirelax)")
         return written
+
+
+class _LabelledTables:
+    """Two of MACE's error tables printed as one, each under its label."""
+
+    def __init__(self, tables):
+        self.tables = tables
+
+    def __str__(self):
+        return "\n".join(f"equirelax: {label}:\n{table}" for label, table in self.tables)
 
 
 def main(argv=None) -> None:
     """``equirelax-mace-train``: ``mace_run_train`` plus the ``relax`` settings."""
+    import importlib.util
+
+    if importlib.util.find_spec("mace") is None:
+        sys.exit("equirelax: equirelax-mace-train runs MACE's training, and this environment has no MACE: install "
+                 "it with pip install 'equirelax[mace]' (mace-torch 0.3.16 pins e3nn 0.4.4, so MACE usually has an "
+                 "environment of its own, e.g. .venv-mace)")
     argv = sys.argv[1:] if argv is None else list(argv)
     stripped_path = None
     try:

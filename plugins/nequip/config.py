@@ -11,6 +11,9 @@ from pathlib import Path
 KEY_MAPPING = {"REF_energy": "total_energy", "REF_forces": "forces"}
 RELAXED_MODEL_TARGET = "equirelax.plugins.nequip.RelaxedModel"
 CALLBACK_TARGET = "equirelax.plugins.nequip.EquirelaxCallback"
+# RelaxedModel's keyword arguments besides the model: what the shared relax-settings check accepts
+RELAX_KEYS = ("controller", "targets", "branch", "rank", "init", "init_std", "group", "on_nonfinite", "options",
+              "seed")
 
 
 def model_config(num_features: int = 16, num_layers: int = 2, l_max: int = 1, cutoff: float = 4.5,
@@ -36,7 +39,7 @@ def model_config(num_features: int = 16, num_layers: int = 2, l_max: int = 1, cu
 def relaxed(model: dict, controller: str, options: dict | None = None, **relax_kwargs) -> dict:
     """``model`` wrapped in ``equirelax.plugins.nequip.RelaxedModel``."""
     return {"_target_": RELAXED_MODEL_TARGET, "controller": controller,
-            "options": dict(options or {}), **relax_kwargs, "model": model}
+            "options": {} if options is None else options, **relax_kwargs, "model": model}
 
 
 def training_config(

@@ -27,9 +27,11 @@ from ...core.hosts import (
     empty_curves,
     layer_curves,
     load_yaml_config,
+    looks_like_file,
+    missing_file,
     write_resources,
 )
-from .config import CALLBACK_TARGET, RELAXED_MODEL_TARGET
+from .config import CALLBACK_TARGET, RELAX_KEYS, RELAXED_MODEL_TARGET
 
 EPOCH_TIMER_TARGET = "equirelax.plugins.nequip.host.NequipEpochTimer"
 
@@ -89,13 +91,57 @@ class NequipHost(Host):
                 **settings}
 
     def check(self, controller: str, options: dict) -> None:
-        from ...core.controllers import get_controller
+        from ...core.settings import validate_relax_settings
 
-        section = self.relax_section(controller, options)
-        controller_options = dict(section["options"])
-        if controller == "cr":
-            controller_options.setdefault("epochs", 1)  # the run takes it from trainer.max_epochs
-        get_controller(controller, **controller_options)
+        validate_relax_settings(self.relax_section(controller, options), keys=RELAX_KEYS)
+
+    def own_test_set(self):
+        data = self.config.get("data") or {}
+        splits = data.get("split_dataset") or []
+        splits = [splits] if isinstance(splits, dict) else splits
+        described = [f"split_dataset.test of {split.get('file_path') or 'its dataset'}"
+                     for split in splits if isinstance(split, dict) and "test" in split]
+        if data.get("test_dataset"):
+            described.insert(0, "test_dataset")
+        return f"NequIP's own test set (data.{' + data.'.join(described)})" if described else None
+
+    def own_test_frames(self):
+        """NequIP's own test datasets, built by its data module from the config (the same split its test uses)."""
+        import numpy as np
+        from hydra.utils import instantiate
+        from nequip.data.ase import to_ase
+        from omegaconf import OmegaConf
+
+        import nequip.utils.resolvers  # noqa: F401  (NequIP's config resolvers, e.g. list_to_identity_dict)
+
+        config = OmegaConf.create({k: v for k, v in self.config.items() if k not in ("trainer", "training_module")})
+        data = OmegaConf.to_container(config.data, resolve=True)
+        data.pop("stats_manager", None)  # statistics are for the model, not the test set
+        datamodule = instantiate(data, _recursive_=False)
+        datamodule.setup("test")
+        frames = []
+        for dataset in datamodule.test_dataset:
+            for index in range(len(dataset)):
+                for atoms in to_ase(dataset[index]):
+                    results, atoms.calc = atoms.calc.results, None  # NequIP keeps energy as a [1] array
+                    atoms.info[self.energy_key] = float(np.asarray(results["energy"]).reshape(-1)[0])
+                    atoms.arrays[self.forces_key] = np.asarray(results["forces"], dtype=float)
+                    frames.append(atoms)
+        return frames
+
+    def check_inputs(self) -> None:
+        def walk(node):
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if isinstance(key, str) and key.endswith("_path") and looks_like_file(value) \
+                            and not Path(value).exists():
+                        raise missing_file(key, value)
+                    walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value)
+
+        walk({k: v for k, v in self.config.items() if k != "hydra"})
 
     def command(self, run) -> list[str]:
         from .config import relaxed, write_config

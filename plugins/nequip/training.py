@@ -5,7 +5,7 @@ Two ``_target_`` entries in an existing config turn it on::
     training_module:
       model:
         _target_: equirelax.plugins.nequip.RelaxedModel
-        controller: recm              # fixed | cr | ace | ace-resilient | recm | entry-point name
+        controller: ace               # fixed | cr | ace | ace-resilient | recm | entry-point name
         options: {}                   # controller options
         model:                        # the model as it was: NequIPGNNModel, ModelFromCheckpoint, ModelFromPackage ...
           _target_: nequip.model.NequIPGNNModel
@@ -23,12 +23,14 @@ signature in each checkpoint, and at the end writes ``exported.ckpt``: a plain
 NequIP checkpoint (branches merged or dropped) for ``nequip-package``,
 ``nequip-compile``, ``ModelFromCheckpoint`` and the ASE calculator, with no
 equirelax needed to load it. ``equirelax export --host nequip IN OUT`` does the
-same for any relaxed checkpoint.
+same for any relaxed checkpoint. The model builders are in ``model.py``.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import logging
 import os
 import tempfile
 import warnings
@@ -37,115 +39,12 @@ import torch
 
 from ...core.controllers import check_schedule_fits
 from ...core.handle import RelaxHandle
-from ...core.patching import EXPORT_MODES, export, relax
-from ...core.layer import RelaxedLayer
+from ...core.patching import EXPORT_MODES, export
 from .config import RELAXED_MODEL_TARGET as TARGET
+from .model import DRIVEN, _submodels, relaxed_handles
 
 CHECKPOINT_KEY = "equirelax"
-
-
-def _submodels(model) -> dict:
-    """``{name: GraphModel}``: NequIP keeps one model or a ``ModuleDict`` of them."""
-    if isinstance(model, torch.nn.ModuleDict):
-        return dict(model.items())
-    return {"": model}
-
-
-def _build(config):
-    from hydra.utils import get_method  # NequIP's own builders avoid hydra.instantiate the same way
-
-    if isinstance(config, torch.nn.Module):
-        return config
-    if not isinstance(config, dict) or "_target_" not in config:
-        raise ValueError(
-            "equirelax: RelaxedModel needs the model to relax under 'model', as a NequIP model config with a "
-            f"'_target_' (e.g. nequip.model.NequIPGNNModel or nequip.model.ModelFromCheckpoint), got {config!r}"
-        )
-    config = dict(config)
-    return get_method(config.pop("_target_"))(**config)
-
-
-def _refuse_packaging():
-    try:
-        from nequip.scripts._workflow_utils import get_workflow_state
-    except ImportError:  # pragma: no cover - other nequip versions
-        return
-    if get_workflow_state() == "package":
-        raise RuntimeError(
-            "equirelax: this checkpoint holds a relaxed model; export it to a plain NequIP checkpoint first "
-            "(`equirelax export --host nequip RELAXED.ckpt exported.ckpt`, or the exported.ckpt the "
-            "EquirelaxCallback writes), then run nequip-package on that"
-        )
-
-
-def RelaxedModel(
-    model,
-    controller: str = "recm",
-    targets=None,
-    branch: str = "linear",
-    rank: int | None = None,
-    init: str = "zero",
-    init_std: float = 1e-2,
-    group: str = "O3",
-    on_nonfinite: str = "warn",
-    options: dict | None = None,
-    seed: int | None = None,
-    **model_kwargs,
-):
-    """NequIP model builder: the model built from ``model`` (a config with ``_target_``), relaxed.
-
-    Takes the keyword arguments of :func:`equirelax.relax`; ``options`` are the
-    controller's. CR's ``epochs`` defaults to the trainer's ``max_epochs``.
-    Random branch initialisation is seeded by ``seed`` (default: the inner
-    model's ``seed``), so every rank of a distributed run builds the same model.
-    Other keyword arguments (those NequIP's tools set on a model builder, e.g.
-    ``model_dtype``, ``compile_mode``) go to the inner model.
-    """
-    _refuse_packaging()
-    if model_kwargs:
-        if not isinstance(model, dict):
-            raise TypeError(f"equirelax: RelaxedModel got unknown argument(s) {sorted(model_kwargs)}")
-        model = {**model, **model_kwargs}
-    options = dict(options or {})
-    epochs_from_trainer = controller == "cr" and options.get("schedule", "triangular") != "constant" \
-        and "epochs" not in options
-    if epochs_from_trainer:
-        options["epochs"] = 1  # set from trainer.max_epochs by EquirelaxCallback
-    built = _build(model)
-    if seed is None:
-        seed = model.get("seed", 0) if isinstance(model, dict) else 0
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        for name, graph_model in _submodels(built).items():
-            handle = relax(graph_model, controller, targets, branch, adapter="nequip", init=init, init_std=init_std,
-                           group=group, on_nonfinite=on_nonfinite, rank=rank, **options)
-            handle.config["epochs_from_trainer"] = epochs_from_trainer
-            for layer in handle.layers.values():
-                layer.relax_config["epochs_from_trainer"] = epochs_from_trainer
-    return built
-
-
-def ExportedModel(model, mode: str = "merge", **model_kwargs):
-    """NequIP model builder: a relaxed model, exported to NequIP's own classes (branches merged or dropped).
-
-    ``model`` is a ``RelaxedModel`` config or a ``ModelFromCheckpoint`` of a
-    relaxed checkpoint; other keyword arguments go to it, as for ``RelaxedModel``.
-    """
-    if model_kwargs:
-        model = {**model, **model_kwargs}
-    built = _build(model)
-    for graph_model in _submodels(built).values():
-        export(graph_model, mode)
-    return built
-
-
-def relaxed_handles(model) -> dict:
-    """``{model name: RelaxHandle}`` for every relaxed sub-model of a NequIP training module's ``model``."""
-    handles = {}
-    for name, graph_model in _submodels(model).items():
-        if any(isinstance(m, RelaxedLayer) for m in graph_model.modules()):
-            handles[name] = RelaxHandle.attach(graph_model)
-    return handles
+_log = logging.getLogger(__name__)
 
 
 def _set_cr_epochs(handle: RelaxHandle, max_epochs):
@@ -196,6 +95,7 @@ class EquirelaxCallback(_lightning_callback_base()):
         self.handles: dict = {}
         self._hooks = []
         self._equivariance = None
+        self._exported_test = None
         self.exported_path = None
 
     # ---------------------------------------------------------------- set-up
@@ -209,6 +109,8 @@ class EquirelaxCallback(_lightning_callback_base()):
 
     def on_train_start(self, trainer, pl_module):
         self.handles = relaxed_handles(pl_module.model)
+        for graph_model in _submodels(pl_module.model).values():
+            setattr(graph_model, DRIVEN, True)
         stepping = trainer.estimated_stepping_batches  # optimizer steps of the whole run (Lightning's estimate)
         total_steps = int(stepping) if stepping not in (None, float("inf")) and stepping > 0 else None
         for handle in self.handles.values():
@@ -217,6 +119,11 @@ class EquirelaxCallback(_lightning_callback_base()):
             handle.resync()  # a resumed run's γ, λ and statistics came back with the weights
         for optimizer in trainer.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(self._after_step))
+        if trainer.is_global_zero:
+            for model_name, handle in self.handles.items():
+                where = f" in {model_name}" if len(self.handles) > 1 else ""
+                _log.info(f"equirelax: relaxed {list(handle.short_names().values())}{where} with controller "
+                          f"{handle.controller.name!r} {handle.controller.options}, over {total_steps} optimizer steps")
 
     def _remove_hooks(self):
         for hook in self._hooks:
@@ -236,7 +143,14 @@ class EquirelaxCallback(_lightning_callback_base()):
     def on_train_epoch_end(self, trainer, pl_module):
         for handle in self.handles.values():
             handle.epoch_end()
-        pl_module.log_dict(self.metrics(), on_step=False, on_epoch=True, sync_dist=False)
+        metrics = self.metrics()
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+        levels = [abs(v) for k, v in metrics.items() if "/gamma/" in k]
+        if levels:  # one number for the progress bar: the largest |γ|
+            pl_module.log("equirelax/gamma_max", max(levels), on_step=False, on_epoch=True, prog_bar=True)
+        if trainer.is_global_zero:  # and one line per epoch in NequIP's train.log
+            text = ", ".join(f"{k[len('equirelax/'):]}={v:.4g}" for k, v in metrics.items())
+            _log.info(f"equirelax: epoch {trainer.current_epoch + 1}: {text}")
 
     def _prefix(self, model_name: str) -> str:
         return "equirelax/" + (f"{model_name}/" if len(self.handles) > 1 else "")
@@ -265,6 +179,47 @@ class EquirelaxCallback(_lightning_callback_base()):
         if self._equivariance:
             pl_module.log_dict(self._equivariance, on_step=False, on_epoch=True, sync_dist=False)
             self._equivariance = None
+
+    # ------------------------------------------------------------------- test
+    # NequIP tests the relaxed model; the model a user ships is the exported one, so the same test metrics
+    # (NequIP's own, from the config's test_metrics) are computed for it too, logged as exported_test<i>_epoch/…
+    def on_test_epoch_start(self, trainer, pl_module):
+        self._exported_test = None
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if self.export == "none" or not relaxed_handles(pl_module.model):
+            return
+        if self._exported_test is None:  # built at the first batch: after NequIP put in the weights it tests (EMA)
+            exported = copy.deepcopy(pl_module.model)
+            for graph_model in _submodels(exported).values():
+                export(graph_model, self.export)
+            managers = copy.deepcopy(pl_module.test_metrics)
+            for manager in managers:
+                manager.reset()
+            self._exported_test = (exported, managers)
+        exported, managers = self._exported_test
+        target = pl_module.process_target(batch, batch_idx, dataloader_idx)
+        relaxed, pl_module.model = pl_module.model, exported
+        try:
+            output = pl_module(dict(batch))
+        finally:
+            pl_module.model = relaxed
+        with torch.no_grad():
+            managers[dataloader_idx](output, target)
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        if self._exported_test is None:
+            return
+        _, managers = self._exported_test
+        for index, manager in enumerate(managers):
+            metrics = {key: float(value) for key, value in manager.compute(prefix=f"exported_test{index}_epoch/").items()}
+            manager.reset()
+            pl_module.log_dict(metrics)
+            if trainer.is_global_zero:
+                text = ", ".join(f"{key.split('/', 1)[1]}={value:.6g}" for key, value in metrics.items())
+                _log.info(f"equirelax: test set {index}, the exported model (branches {self.export}d, what "
+                          f"exported.ckpt holds): {text}")
+        self._exported_test = None
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):

@@ -1,6 +1,6 @@
 # Two host environments that cannot share one interpreter:
 #   .venv-mace   : mace-torch 0.3.16 with its pinned e3nn 0.4.4
-#   .venv-nequip : nequip 0.19.1 with e3nn 0.6 and torch-geometric
+#   .venv-nequip : nequip 0.19.1 and sevenn 0.13.0 with e3nn 0.6 and torch-geometric
 # torch is pinned in every install step (a CPU build is on local disk; any other spec pulls CUDA wheels).
 PYTHON ?= python3
 TORCH := torch==2.13.0
@@ -24,8 +24,8 @@ $(MACE_ENV)/.installed: pyproject.toml Makefile
 $(NEQUIP_ENV)/.installed: pyproject.toml Makefile
 	test -x $(NEQUIP_ENV)/bin/python || $(PYTHON) -m venv $(NEQUIP_ENV)
 	$(NEQUIP_ENV)/bin/pip install -q --disable-pip-version-check $(TORCH)
-	$(NEQUIP_ENV)/bin/pip install -q --disable-pip-version-check $(TORCH) "nequip==0.19.1" torch-geometric
-	$(NEQUIP_ENV)/bin/pip install -q --disable-pip-version-check $(TORCH) -e ".[nequip,egnn,dev]"
+	$(NEQUIP_ENV)/bin/pip install -q --disable-pip-version-check $(TORCH) "nequip==0.19.1" torch-geometric "sevenn==0.13.0"
+	$(NEQUIP_ENV)/bin/pip install -q --disable-pip-version-check $(TORCH) -e ".[nequip,sevenn,egnn,dev]"
 	touch $@
 
 # core and e3nn-adapter tests run in both environments (e3nn 0.4.4 and 0.6)

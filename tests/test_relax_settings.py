@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from equirelax.core.settings import RelaxSettingsError, validate_relax_settings
-from equirelax.plugins.mace.training import RELAX_KEYS as MACE_KEYS
-from equirelax.plugins.mace.training import split_relax_config, validate_relax_config
+from equirelax.plugins.mace.config import RELAX_KEYS as MACE_KEYS
+from equirelax.plugins.mace.config import split_relax_config, validate_relax_config
 from equirelax.plugins.nequip.config import RELAX_KEYS as NEQUIP_KEYS
 
 BAD = [

@@ -77,7 +77,7 @@ class MaceHost(Host):
                 "options": {**self.relax_settings.get("options", {}), **options}}
 
     def check(self, controller: str, options: dict) -> None:
-        from .training import validate_relax_config
+        from .config import validate_relax_config
 
         validate_relax_config(self.relax_section(controller, options))
 

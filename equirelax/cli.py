@@ -2,9 +2,9 @@
 
     equirelax data emt OUT.xyz [--n 100] [--seed 0]
     equirelax data emt-field OUT.xyz [--n 100] [--seed 0] [--field 0 0 0.3]
-    equirelax pretrain --host mace|nequip --out DIR [--n 80] [--epochs 40] [--seed 3]
-    equirelax export --host nequip RELAXED.ckpt OUT.ckpt [--mode merge|drop]
-    equirelax compare --host mace|nequip --config CONFIG.yaml [--controllers vanilla cr ace ace-resilient recm]
+    equirelax pretrain --host HOST --out DIR [--n 80] [--epochs 40] [--seed 3]      (HOST: mace, nequip)
+    equirelax export --host HOST RELAXED.ckpt OUT.ckpt [--mode merge|drop]           (HOST: nequip)
+    equirelax compare --host HOST --config CONFIG.yaml [--controllers vanilla cr ace ace-resilient recm]
                       [--out DIR] [--epochs N] [--seed S] [--test-file F] [--controller-options JSON]
 
 ``pretrain`` generates the symmetric EMT set in DIR, trains a small potential on
@@ -12,7 +12,8 @@ it with the host's own training (no relaxation) and saves it: MACE as
 ``DIR/pretrained.model`` (fine-tune with ``--foundation_model``), NequIP as
 ``DIR/pretrained.ckpt`` (fine-tune with ``nequip.model.ModelFromCheckpoint``).
 ``export`` turns a relaxed NequIP checkpoint into a plain one for
-``nequip-package`` (MACE runs write their exported model themselves).
+``nequip-package`` (MACE and SevenNet runs write their exported model themselves).
+``--host`` takes any installed host plugin (``equirelax compare --help`` lists them).
 ``compare`` trains vanilla and relaxed models with the host's own training on
 the same config and writes one report (see ``equirelax compare --help``).
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from .compare import USAGE as COMPARE_USAGE
 from .compare import DEFAULT_CONTROLLERS, CompareError, compare, reading, table
-from .core.hosts import HostConfigError, available_hosts, get_host
+from .core.hosts import Host, HostConfigError, available_hosts, get_host
 from .datasets.emt import write_emt_dataset
 
 
@@ -77,11 +78,13 @@ def main(argv=None):
             print(host.export(args.checkpoint, args.out, args.mode))
         else:
             host = _installed_host(args.host, "pretrain")
+            if host.pretrain.__func__ is Host.pretrain.__func__:
+                sys.exit(f"equirelax: pretrain has no {args.host} support")
             args.out.mkdir(parents=True, exist_ok=True)
             write_emt_dataset(args.out / "sym.xyz", args.n, seed=args.seed)
             path = host.pretrain(args.out, (args.out / "sym.xyz").resolve(), args.epochs, args.seed)
             print(f"pretrained {args.host} potential saved to {path}")
-    except (HostConfigError, ValueError) as error:
+    except (HostConfigError, ValueError, NotImplementedError) as error:
         message = str(error)
         if not message.startswith("equirelax"):
             raise

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 BIN = Path(sys.executable).parent
-MISSING = [host for host in ("mace", "nequip") if importlib.util.find_spec(host) is None]
+MISSING = [host for host in ("mace", "nequip", "sevenn") if importlib.util.find_spec(host) is None]
 
 
 def _run(*command, cwd):
@@ -22,7 +22,14 @@ def test_mace_train_without_mace_names_the_extra(tmp_path):
     assert "this environment has no MACE: install it with pip install 'equirelax[mace]'" in result.stderr
 
 
-@pytest.mark.parametrize("host", MISSING)
+@pytest.mark.skipif("sevenn" not in MISSING, reason="sevenn is installed here")
+def test_sevenn_train_without_sevenn_names_the_extra(tmp_path):
+    result = _run(BIN / "equirelax-sevenn", "input.yaml", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "this environment has no sevenn: install it with pip install 'equirelax[sevenn]'" in result.stderr
+
+
+@pytest.mark.parametrize("host", [h for h in MISSING if h != "sevenn"])
 def test_pretrain_for_a_host_that_is_not_installed_names_the_extra(tmp_path, host):
     result = _run(BIN / "equirelax", "pretrain", "--host", host, "--out", "pre", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]

@@ -2,8 +2,10 @@
 exported equivariant, and back as a plain SevenNet checkpoint that SevenNetCalculator runs MD with, equirelax absent
 (NequIP environment)."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,3 +117,139 @@ def test_exported_checkpoint_is_equivariant_and_runs_md_without_equirelax(sevenn
     assert float(md.stdout.split("E0")[1].split()[0]) == pytest.approx(exported_energy, abs=1e-4)
     assert float(md.stdout.split("DRIFT")[1]) < 0.05  # eV over 10 steps: forces are the energy's gradient
     assert path == tmp_path / "exported.pth"
+
+
+# ------------------------------------------------------------------ sevenn's own fine-tuning
+def _sevenn_data(directory):
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    frames = []
+    for atoms in emt_configurations(20, seed=0, field=[0.0, 0.0, 0.3]):
+        energy, forces = atoms.info.pop("REF_energy"), atoms.arrays.pop("REF_forces")
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+        frames.append(atoms)
+    write(directory / "train.extxyz", frames[:16])
+    write(directory / "valid.extxyz", frames[16:])
+
+
+def _input_yaml(directory, name, relax=None, **train):
+    """sevenn's own fine-tuning preset for SevenNet-0, on the generated data, plus a relax section."""
+    from importlib.resources import files
+
+    import yaml
+
+    config = yaml.safe_load((files("sevenn") / "presets" / "fine_tune.yaml").read_text())
+    config["train"].update({"epoch": 2, "is_train_stress": False, "per_epoch": 1,
+                            "error_record": [["Energy", "RMSE"], ["Force", "RMSE"], ["TotalLoss", "None"]], **train})
+    config["train"]["continue"]["checkpoint"] = "7net-0"
+    config["data"].update({"load_trainset_path": ["./train.extxyz"], "load_validset_path": ["./valid.extxyz"]})
+    config["data"].pop("load_testset_path")
+    if relax is not None:
+        config["relax"] = relax
+    (directory / name).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def _equirelax_sevenn(directory, *arguments):
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.run([str(Path(sys.executable).parent / "equirelax-sevenn"), *arguments, "-s"], cwd=directory,
+                          capture_output=True, text=True, timeout=900, env=env)
+
+
+def _levels(checkpoint):
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model_state_dict"]
+    return {k[:-len(".gamma")]: float(v) for k, v in state.items() if k.endswith(".gamma")}, \
+        {k: int(v) for k, v in state.items() if k.endswith(".ctrl_step")}
+
+
+@pytest.fixture(scope="module")
+def sevenn_run(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sevenn")
+    _sevenn_data(directory)
+    _input_yaml(directory, "input.yaml", relax={"controller": "ace"})
+    result = _equirelax_sevenn(directory, "input.yaml")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return directory
+
+
+def test_sevenn_fine_tuning_runs_the_controller_and_writes_a_plain_checkpoint(sevenn_run):
+    log = (sevenn_run / "log.sevenn").read_text()
+    assert f"equirelax: relaxed {SELF_INTERACTIONS} with controller 'ace'" in log
+    lines = [line for line in log.splitlines() if line.startswith("equirelax: gamma/0_self_interaction_1.linear=")]
+    assert len(lines) == 2  # one per epoch
+    levels, steps = _levels(sevenn_run / "checkpoint_2.pth")
+    assert sorted(levels) == sorted(SELF_INTERACTIONS)
+    assert all(g == 0.0 for g in levels.values())  # ACE closes at the budget's last step
+    assert set(steps.values()) == {8}  # 2 epochs × 4 batches of 4
+    relaxed_levels, _ = _levels(sevenn_run / "checkpoint_best_relaxed.pth")
+    assert relaxed_levels  # the relaxed best model is kept beside the exported one
+
+    from ase.io import read
+
+    read(sevenn_run / "valid.extxyz", 0).write(sevenn_run / "cluster.xyz")
+    script = EQUIRELAX_ABSENT.replace('model="exported.pth"', 'model="checkpoint_best.pth"')
+    md = subprocess.run([sys.executable, "-c", script], cwd=sevenn_run, capture_output=True, text=True, timeout=600)
+    assert md.returncode == 0, md.stderr[-3000:]
+    assert float(md.stdout.split("DRIFT")[1]) < 0.05
+
+
+def test_resuming_a_relaxed_sevenn_run_restores_the_controller(sevenn_run, tmp_path):
+    import shutil
+
+    for name in ("train.extxyz", "valid.extxyz"):
+        shutil.copy(sevenn_run / name, tmp_path / name)
+    shutil.copy(sevenn_run / "checkpoint_1.pth", tmp_path / "checkpoint_1.pth")
+    _input_yaml(tmp_path, "resume.yaml", relax={"controller": "ace"})
+    import yaml
+
+    config = yaml.safe_load((tmp_path / "resume.yaml").read_text())
+    config["train"]["continue"] = {"checkpoint": "checkpoint_1.pth", "reset_optimizer": False,
+                                   "reset_scheduler": False, "reset_epoch": False}
+    (tmp_path / "resume.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    result = _equirelax_sevenn(tmp_path, "resume.yaml")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    levels, steps = _levels(tmp_path / "checkpoint_2.pth")
+    assert set(steps.values()) == {8}  # counted on from the checkpoint's 4, not from 0
+    assert all(g == 0.0 for g in levels.values())  # so ACE closes at the same last step
+    assert "Epoch 1/2" not in (tmp_path / "log.sevenn").read_text()
+
+
+def test_compare_fine_tunes_sevennet_vanilla_and_relaxed(tmp_path):
+    import json
+    import math
+
+    _sevenn_data(tmp_path)
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    tests = []
+    for atoms in emt_configurations(4, seed=9, field=[0.0, 0.0, 0.3]):
+        energy, forces = atoms.info.pop("REF_energy"), atoms.arrays.pop("REF_forces")
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+        tests.append(atoms)
+    write(tmp_path / "test.extxyz", tests)
+    _input_yaml(tmp_path, "input.yaml", epoch=1)
+    import yaml
+
+    config = yaml.safe_load((tmp_path / "input.yaml").read_text())
+    config["data"]["load_testset_path"] = ["test.extxyz"]
+    (tmp_path / "input.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    result = subprocess.run([str(Path(sys.executable).parent / "equirelax"), "compare", "--host", "sevenn", "--config",
+                             "input.yaml", "--controllers", "vanilla", "ace", "--out", "out", "--quiet"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    vanilla, ace = results["runs"]
+    assert results["test_configurations"] == 4
+    for run in (vanilla, ace):
+        assert run["status"] == "ok", run["error"]
+        equivariant = run["test"]["equivariant"]
+        assert math.isfinite(equivariant["force_mae_mev_per_a"]) and equivariant["force_mae_mev_per_a"] > 1
+        assert equivariant["equivariance_error"]["forces"] < 1e-4  # float32
+        assert run["curves"]["epoch"] == [1] and run["curves"]["val_force_mae"][0] > 0
+    assert set(ace["gamma"]) == set(SELF_INTERACTIONS) and all(g == 0.0 for g in ace["gamma"].values())
+    assert ace["curves"]["gamma"]["0_self_interaction_1.linear"] == [[1, 0.0]]
+    # ACE closed at the budget's end: the exported and relaxed models predict the same
+    assert ace["test"]["relaxed"]["force_mae_mev_per_a"] == pytest.approx(
+        ace["test"]["equivariant"]["force_mae_mev_per_a"], rel=1e-4)

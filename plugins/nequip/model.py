@@ -48,21 +48,15 @@ DRIVEN = "_equirelax_driven"  # set on a relaxed model by EquirelaxCallback
 
 
 class _ControllerGuard:
-    """Forward pre-hook of a RelaxedModel: training its relaxed layers with no EquirelaxCallback would leave γ
-    where it starts, train the branches unconstrained and export nothing, so the second training step stops."""
+    """Gradient hook on a relaxed model's branch: training it with no EquirelaxCallback would leave γ where it
+    starts, train the branches unconstrained and export nothing, so the first backward into the branches stops.
+    (Forces by autograd, in any mode, never put a gradient on the branch weights.)"""
 
-    def __init__(self):
-        self.training_forwards = 0
-        self.settled = False
+    def __init__(self, model):
+        self.model = model
 
-    def __call__(self, module, args):
-        if self.settled or not module.training or not torch.is_grad_enabled() or getattr(module, DRIVEN, False):
-            return
-        self.training_forwards += 1
-        if self.training_forwards < 2:  # one forward in training mode may be a user's look at the model
-            return
-        self.settled = True
-        if any(isinstance(m, RelaxedLayer) for m in module.modules()):
+    def __call__(self, parameter):
+        if not getattr(self.model, DRIVEN, False):
             raise RuntimeError(
                 "equirelax: the model has relaxed layers (RelaxedModel) but no controller drives them: add "
                 "`- _target_: equirelax.plugins.nequip.EquirelaxCallback` to trainer.callbacks (without it γ "
@@ -119,7 +113,8 @@ def RelaxedModel(
             handle.config["epochs_from_trainer"] = epochs_from_trainer
             for layer in handle.layers.values():
                 layer.relax_config["epochs_from_trainer"] = epochs_from_trainer
-            graph_model.register_forward_pre_hook(_ControllerGuard())
+            first = next(iter(handle.layers.values()))
+            next(first.branch.parameters()).register_post_accumulate_grad_hook(_ControllerGuard(graph_model))
     return built
 
 

@@ -37,7 +37,7 @@ def make_batch(n: int, cutoff: float):
         from ase.calculators.singlepoint import SinglePointCalculator
 
         atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
-        graphs.append(AtomGraphData.from_numpy_dict(atoms_to_graph(atoms, cutoff)))
+        graphs.append(AtomGraphData.from_numpy_dict(atoms_to_graph(atoms, cutoff, y_from_calc=True)))
     return next(iter(DataLoader(graphs, batch_size=n)))
 
 

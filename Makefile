@@ -8,7 +8,7 @@ MACE_ENV := .venv-mace
 NEQUIP_ENV := .venv-nequip
 PYTEST_ARGS ?= -q -p no:cacheprovider
 
-.PHONY: test test-mace test-nequip envs demo benchmark clean
+.PHONY: test test-mace test-nequip envs demo sevenn-demo benchmark clean
 
 test: test-mace test-nequip
 
@@ -49,6 +49,21 @@ demo: $(MACE_ENV)/.installed
 	cd $(DEMO_DIR) && $(DEMO_BIN)/equirelax compare --host mace --config $(CURDIR)/examples/mace/finetune_symmetric.yaml --out symmetric
 	cd $(DEMO_DIR) && $(DEMO_BIN)/equirelax compare --host mace --config $(CURDIR)/examples/mace/finetune_field.yaml --out field
 	@echo "reports: $(DEMO_DIR)/field/report.md (external field) and $(DEMO_DIR)/symmetric/report.md (symmetric)"
+
+# SevenNet-0 (shipped in the sevenn wheel) fine-tuned with sevenn's own training, vanilla vs each controller, on
+# generated EMT clusters in a uniform field and on symmetric ones (NequIP environment, where sevenn lives).
+SEVENN_DIR := sevenn-output
+NEQUIP_BIN := $(CURDIR)/$(NEQUIP_ENV)/bin
+sevenn-demo: $(NEQUIP_ENV)/.installed
+	mkdir -p $(SEVENN_DIR)
+	cd $(SEVENN_DIR) && for kind in field symmetric; do \
+		data=$$([ $$kind = field ] && echo emt-field || echo emt); \
+		$(NEQUIP_BIN)/equirelax data $$data $${kind}_train.xyz --n 32 --seed 31 && \
+		$(NEQUIP_BIN)/equirelax data $$data $${kind}_valid.xyz --n 8 --seed 32 && \
+		$(NEQUIP_BIN)/equirelax data $$data $${kind}_test.xyz --n 24 --seed 33 && \
+		OMP_NUM_THREADS=2 $(NEQUIP_BIN)/equirelax compare --host sevenn --quiet \
+			--config $(CURDIR)/examples/sevenn/finetune_$$kind.yaml --out $$kind || exit 1; done
+	@echo "reports: $(SEVENN_DIR)/field/report.md (external field) and $(SEVENN_DIR)/symmetric/report.md (symmetric)"
 
 benchmark: $(NEQUIP_ENV)/.installed
 	$(NEQUIP_ENV)/bin/python benchmarks/e3nn_synthetic.py speed

@@ -74,6 +74,13 @@ class Host:
     def check_inputs(self) -> None:
         """Raise ``HostConfigError`` for a problem every run would hit (a data file that is not there)."""
 
+    relax_settings: dict = {}
+
+    def relax_section(self, controller: str, options: dict) -> dict:
+        """The run's relax settings: the config's own, with this controller and its options on top."""
+        return {**self.relax_settings, "controller": controller,
+                "options": {**self.relax_settings.get("options", {}), **options}}
+
     def own_test_set(self) -> str | None:
         """When the config defines its test set other than as a file (a split of the data, a dataset class): a
         description of it for the report; None otherwise. Consulted only when no test file is given."""
@@ -156,6 +163,14 @@ def absolute_if_file(value, base: Path):
         if candidate.exists():
             return str(candidate.resolve())
     return value
+
+
+def pop_relax_section(config: dict, config_path) -> dict:
+    """The config's own relax settings (taken out: compare sets them per run); ``{}`` when it has none."""
+    section = config.pop("relax", None) or {}
+    if not isinstance(section, dict):
+        raise HostConfigError(f"equirelax: the 'relax' section of {config_path} must be a mapping")
+    return section
 
 
 def looks_like_file(value) -> bool:

@@ -19,6 +19,22 @@ from equirelax.datasets.emt import emt_configurations  # noqa: E402
 SELF_INTERACTIONS = [f"{t}_self_interaction_{i}.linear" for t in range(5) for i in (1, 2)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def sevenn_process_defaults():
+    """What a process that runs SevenNet has: torch's default float32 (its checkpoint loading compares Wigner
+    constants in it) and e3nn's own code-generation defaults. Earlier tests in this process (NequIP's set-up)
+    may have changed both (e3nn's script mode makes SevenNet models that cannot be deep-copied)."""
+    import e3nn
+
+    previous_dtype, previous_e3nn = torch.get_default_dtype(), e3nn.get_optimization_defaults()
+    torch.set_default_dtype(torch.float32)
+    e3nn.set_optimization_defaults(specialized_code=True, optimize_einsums=True, jit_script_fx=True,
+                                   jit_mode="eager")
+    yield
+    torch.set_default_dtype(previous_dtype)
+    e3nn.set_optimization_defaults(**previous_e3nn)
+
+
 @pytest.fixture(scope="module")
 def sevennet():
     from sevenn.util import model_from_checkpoint, pretrained_name_to_path

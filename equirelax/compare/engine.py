@@ -97,14 +97,6 @@ def _read_reference(frames, energy_key: str, forces_key: str):
     return energies, forces
 
 
-def _by_short_name(model, values: dict) -> dict:
-    """``values`` per layer, named as the run's logs name them (``RelaxHandle.short_names``)."""
-    from ..core.handle import RelaxHandle
-
-    names = RelaxHandle.attach(model).short_names()
-    return {names.get(name, name): value for name, value in values.items()}
-
-
 # ----------------------------------------------------------------------- running
 def _stream(command: list[str], directory: Path, quiet: bool) -> int:
     """Run ``command`` in ``directory``, its output to ``output.log`` and (unless quiet) the terminal."""
@@ -166,8 +158,10 @@ def _finish(host, run: Run, frames, reference) -> None:
             run.test["relaxed"] = _evaluate(host, relaxed, frames, reference)
         from ..core.handle import RelaxHandle
 
-        run.gamma = _by_short_name(relaxed, RelaxHandle.attach(relaxed).levels())
-        run.breaking = _by_short_name(relaxed, breaking)
+        handle = RelaxHandle.attach(relaxed)
+        names = handle.short_names()  # the layers as the run's logs name them
+        run.gamma = {names[name]: value for name, value in handle.levels().items()}
+        run.breaking = {names.get(name, name): value for name, value in breaking.items()}
 
 
 def compare(host_name: str, config_path: Path, out: Path, controllers=DEFAULT_CONTROLLERS, *, epochs=None,

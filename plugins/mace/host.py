@@ -26,6 +26,7 @@ from ...core.hosts import (
     load_yaml_config,
     looks_like_file,
     missing_file,
+    pop_relax_section,
     write_resources,
 )
 
@@ -58,9 +59,7 @@ class MaceHost(Host):
                 config[key] = absolute_if_file(config[key], base)
         for key in self.DROPPED_KEYS:
             config.pop(key, None)
-        self.relax_settings = config.pop("relax", None) or {}
-        if not isinstance(self.relax_settings, dict):
-            raise HostConfigError(f"equirelax: the 'relax' section of {config_path} must be a mapping")
+        self.relax_settings = pop_relax_section(config, config_path)
         if options.epochs is not None:
             config["max_num_epochs"] = options.epochs
         if options.seed is not None:
@@ -71,10 +70,6 @@ class MaceHost(Host):
         self.forces_key = config.get("forces_key", "REF_forces")
         self.epochs = config.get("max_num_epochs")
         self.device = options.device or ("cuda" if str(config.get("device", "cpu")).startswith("cuda") else "cpu")
-
-    def relax_section(self, controller: str, options: dict) -> dict:
-        return {**self.relax_settings, "controller": controller,
-                "options": {**self.relax_settings.get("options", {}), **options}}
 
     def check(self, controller: str, options: dict) -> None:
         from .config import validate_relax_config

@@ -187,7 +187,7 @@ class EquirelaxCallback(_lightning_callback_base()):
         self._exported_test = None
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        if self.export == "none" or not relaxed_handles(pl_module.model):
+        if self.export == "none" or not self.handles:
             return
         if self._exported_test is None:  # built at the first batch: after NequIP put in the weights it tests (EMA)
             exported = copy.deepcopy(pl_module.model)

@@ -22,6 +22,7 @@ from ...core.hosts import (
     load_yaml_config,
     looks_like_file,
     missing_file,
+    pop_relax_section,
     write_resources,
 )
 
@@ -52,9 +53,7 @@ class SevennHost(Host):
         resumed = train.get("continue") or {}
         if resumed.get("checkpoint"):
             resumed["checkpoint"] = absolute_if_file(resumed["checkpoint"], base)
-        self.relax_settings = config.pop("relax", None) or {}
-        if not isinstance(self.relax_settings, dict):
-            raise HostConfigError(f"equirelax: the 'relax' section of {config_path} must be a mapping")
+        self.relax_settings = pop_relax_section(config, config_path)
         if options.epochs is not None:
             train["epoch"] = options.epochs
         if options.seed is not None:
@@ -71,14 +70,13 @@ class SevennHost(Host):
         tests = tests if isinstance(tests, list) else [tests] if tests else []
         self.test_file = options.test_file or (tests[0] if len(tests) == 1 and looks_like_file(tests[0]) else None)
         self.device = options.device or "cpu"
+        reading = data.get("data_format_args") or {}  # where sevenn finds the labels in an ASE file
+        self.energy_key = reading.get("energy_key", "energy")
+        self.forces_key = reading.get("force_key", "forces")
 
     @property
     def seed(self):
         return self.config["train"].get("random_seed")
-
-    def relax_section(self, controller: str, options: dict) -> dict:
-        return {**self.relax_settings, "controller": controller,
-                "options": {**self.relax_settings.get("options", {}), **options}}
 
     def check(self, controller: str, options: dict) -> None:
         from ...core.settings import validate_relax_settings

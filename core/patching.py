@@ -137,7 +137,8 @@ def relax(
     return handle
 
 
-EXPORT_MODES = ("merge", "drop")
+EXPORT_MODES = ("merge", "drop")  # equivariant exports: the host's own classes only
+DEPLOY_MODE = "freeze"  # the relaxed model as it computes, for deployment
 
 
 def export(model: nn.Module, mode: str = "merge", *, inplace: bool = True) -> nn.Module:
@@ -148,11 +149,19 @@ def export(model: nn.Module, mode: str = "merge", *, inplace: bool = True) -> nn
     learned that is equivariant); ``mode="drop"`` removes branches (γ := 0).
     Branches that cannot be merged (MLP branches, tensor-product layers) are
     dropped with a warning naming them.
+
+    ``mode="freeze"`` keeps the relaxed model's outputs (γ and branches) but
+    freezes each relaxed layer into a small TorchScript-able module of plain
+    torch parts (``equirelax.core.frozen``): no controller state, no hooks. Compile
+    it the host's way (e3nn ``jit.compile``, ``torch.jit.script``) or package it,
+    and the result runs without equirelax.
     """
     from .registry import get_adapter
 
+    if mode == DEPLOY_MODE:
+        return _freeze(model if inplace else copy.deepcopy(model))
     if mode not in EXPORT_MODES:
-        raise ValueError(f"equirelax: unknown export mode {mode!r}; choose one of {EXPORT_MODES}")
+        raise ValueError(f"equirelax: unknown export mode {mode!r}; choose one of {(*EXPORT_MODES, DEPLOY_MODE)}")
     if not inplace:
         model = copy.deepcopy(model)
     relaxed = {n: m for n, m in model.named_modules() if isinstance(m, RelaxedLayer)}
@@ -185,4 +194,20 @@ def export(model: nn.Module, mode: str = "merge", *, inplace: bool = True) -> nn
                         if type(m).__module__.startswith("equirelax.core")})
     if leftovers:
         raise RuntimeError(f"equirelax: export left equirelax modules in the model: {leftovers}")
+    return model
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    from .frozen import freeze_layer
+
+    relaxed = {n: m for n, m in model.named_modules() if isinstance(m, RelaxedLayer)}
+    if not relaxed:
+        raise ValueError("equirelax: the model has no relaxed layer to export")
+    for name, layer in relaxed.items():
+        if any(name.startswith(o + ".") for o in relaxed if o != name):
+            continue
+        frozen = freeze_layer(layer)
+        if not name:
+            return frozen
+        _set_submodule(model, name, frozen)
     return model

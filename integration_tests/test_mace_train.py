@@ -229,6 +229,78 @@ MACECalculator(model_paths="tiny_relaxed.model", device="cpu", default_dtype="fl
 """
 
 
+DEPLOYED_SCRIPT = NOT_INSTALLED + """
+import json, sys
+import numpy as np
+import torch
+from ase import units
+from ase.io import read
+from ase.md.verlet import VelocityVerlet
+from mace import data
+from mace.calculators import MACECalculator
+from mace.tools import AtomicNumberTable, torch_geometric
+
+frames = read("test.xyz", ":")
+calculator = MACECalculator(model_paths="tiny_relaxed_compiled.model", device="cpu", default_dtype="float64")
+out = {"energy": [], "forces": []}
+for atoms in frames:
+    atoms.calc = calculator
+    out["energy"].append(atoms.get_potential_energy())
+    out["forces"].append(atoms.get_forces().tolist())
+atoms = frames[0].copy()
+atoms.calc = calculator
+start = atoms.get_total_energy()
+VelocityVerlet(atoms, 0.5 * units.fs).run(20)
+out["md_drift"] = abs(atoms.get_total_energy() - start)
+assert np.isfinite(atoms.get_forces()).all()
+
+sys.argv = ["create_lammps_model", "tiny_relaxed_compiled.model", "--head", "Default"]
+from mace.cli.create_lammps_model import main
+main()
+lammps = torch.jit.load("tiny_relaxed_compiled.model-lammps.pt")
+table = AtomicNumberTable([int(z) for z in lammps.atomic_numbers])
+out["lammps_energy"] = []
+torch.set_default_dtype(torch.float64)  # the converter's default --dtype
+for atoms in frames:  # LAMMPS hands the model one system at a time
+    item = data.AtomicData.from_config(data.config_from_atoms(atoms), z_table=table, cutoff=float(lammps.r_max))
+    batch = next(iter(torch_geometric.dataloader.DataLoader([item], batch_size=1))).to_dict()
+    result = lammps(batch, torch.ones(batch["positions"].shape[0], dtype=torch.float64))
+    out["lammps_energy"].append(float(result["total_energy_local"].sum()))
+print("OUT" + json.dumps(out))
+"""
+
+
+def test_relaxed_model_deploys_compiled_in_mace_calculator_md_and_lammps_without_equirelax(tmp_path, data_dir):
+    """A run that ends relaxed also writes ``<name>_relaxed_compiled.model``: γ and branches kept, TorchScript. It
+    runs in MACECalculator and 20 MD steps where equirelax is not installed, and MACE's LAMMPS converter takes it;
+    energies and forces equal the relaxed model's."""
+    from ase.io import read
+    from mace.calculators import MACECalculator
+
+    result = run(CLI, tmp_path, data_dir, {**BASE, "relax": {"controller": "fixed"}})
+    assert result.returncode == 0, result.stderr[-3000:]
+    deployed = subprocess.run([sys.executable, "-c", DEPLOYED_SCRIPT], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=600)
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    out = json.loads(deployed.stdout.split("OUT")[1])
+
+    relaxed = MACECalculator(models=[torch.load(tmp_path / "tiny_relaxed.model", weights_only=False)], device="cpu",
+                             default_dtype="float64")
+    exported = MACECalculator(model_paths=str(tmp_path / "tiny.model"), device="cpu", default_dtype="float64")
+    energies, forces, plain_energies = [], [], []
+    for atoms in read(tmp_path / "test.xyz", ":"):
+        atoms.calc = relaxed
+        energies.append(atoms.get_potential_energy())
+        forces.append(atoms.get_forces())
+        atoms.calc = exported
+        plain_energies.append(atoms.get_potential_energy())
+    assert np.abs(np.array(out["energy"]) - energies).max() <= 1e-10
+    assert max(np.abs(np.array(a) - b).max() for a, b in zip(out["forces"], forces)) <= 1e-10
+    assert np.abs(np.array(out["lammps_energy"]) - energies).max() <= 1e-10
+    assert np.abs(np.array(energies) - plain_energies).max() > 1e-6  # the branches act: not the exported model
+    assert out["md_drift"] < 0.05  # eV over 20 steps: the forces are the energy's gradient
+
+
 def test_equirelax_data_and_pretrain_commands(tmp_path):
     from ase.io import read
 

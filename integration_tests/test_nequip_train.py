@@ -5,13 +5,16 @@ are read back and checked by value.
 """
 
 import csv
+import json
 import math
 import os
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("nequip")
@@ -227,12 +230,56 @@ def test_relaxed_checkpoint_without_equirelax_installed_names_it(runs):
     assert "No module named 'equirelax'" in result.stderr, result.stderr[-2000:]
 
 
-def test_relaxed_checkpoint_is_refused_by_nequip_package_with_the_export_command(runs, tmp_path):
+def test_relaxed_checkpoint_packages_frozen_and_runs_md_without_equirelax(runs, data, tmp_path):
+    """``nequip-package`` of a relaxed checkpoint: the package holds the relaxed model frozen (γ and branches kept,
+    ``equirelax.core.frozen`` inside the package) and NequIP's ASE calculator runs it, 20 MD steps included, where
+    equirelax is not installed; energies and forces equal the relaxed model's."""
+    from ase.io import read
+
+    from equirelax.adapters.nequip import nequip_batch
+
+    package = tmp_path / "relaxed.nequip.zip"
     result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "nequip-package"), "build",
-                             str(runs["ace"] / "best.ckpt"), str(tmp_path / "x.nequip.zip")],
-                            capture_output=True, text=True)
-    assert result.returncode != 0
-    assert "equirelax export --host nequip" in result.stderr
+                             str(runs["fixed"] / "best.ckpt"), str(package)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    carried = [n for n in zipfile.ZipFile(package).namelist() if "equirelax" in n and n.endswith(".py")]
+    assert carried and all(n.endswith("equirelax/core/frozen.py") for n in carried), carried
+    script = textwrap.dedent(f"""
+        import importlib.abc, json, sys
+        class NotInstalled(importlib.abc.MetaPathFinder):  # as if equirelax were not installed
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "equirelax":
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        sys.meta_path.insert(0, NotInstalled())
+        import numpy as np
+        from ase import units
+        from ase.io import read
+        from ase.md.verlet import VelocityVerlet
+        from nequip.integrations.ase import NequIPCalculator
+        calc = NequIPCalculator._from_saved_model({str(package)!r})
+        frames = read({str(data / "test.xyz")!r}, ":")
+        out = {{"energy": [], "forces": []}}
+        for atoms in frames:
+            atoms.calc = calc
+            out["energy"].append(atoms.get_potential_energy())
+            out["forces"].append(atoms.get_forces().tolist())
+        atoms = frames[0]
+        VelocityVerlet(atoms, 0.5 * units.fs).run(20)
+        assert np.isfinite(atoms.get_forces()).all()
+        print("OUT" + json.dumps(out))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.split("OUT")[1])
+
+    relaxed, exported = load(runs["fixed"] / "best.ckpt"), load(runs["fixed"] / "exported.ckpt")
+    for i, atoms in enumerate(read(data / "test.xyz", ":")):
+        batch = nequip_batch([atoms], TYPE_NAMES, 4.5)
+        expected = relaxed(batch)
+        assert abs(float(expected["total_energy"].detach()) - out["energy"][i]) <= 1e-9
+        assert np.abs(expected["forces"].detach().numpy() - np.array(out["forces"][i])).max() <= 1e-9
+        plain = exported(nequip_batch([atoms], TYPE_NAMES, 4.5))
+        assert np.abs((expected["forces"] - plain["forces"]).detach().numpy()).max() > 1e-6  # branches act
 
 
 def test_gamma_zero_trains_bit_for_bit_like_plain_nequip(data):

@@ -233,7 +233,10 @@ class MaceSession:
     def export_models(self, args) -> list[Path]:
         """MACE's conventions for what a user runs: ``<name>.model`` becomes the exported plain MACE model
         (branches merged or dropped) and ``<name>_compiled.model`` its TorchScript; the relaxed model, which
-        needs equirelax, is kept as ``<name>_relaxed.model``. With ``export: none`` MACE's files stay as written."""
+        needs equirelax, is kept as ``<name>_relaxed.model``. A run that ends relaxed (some γ ≠ 0) also gets
+        ``<name>_relaxed_compiled.model``: the relaxed model frozen (``export(mode="freeze")``) and compiled as
+        MACE compiles, which MACECalculator and MACE's LAMMPS converter load without equirelax.
+        With ``export: none`` MACE's files stay as written."""
         import torch
 
         import equirelax
@@ -250,26 +253,46 @@ class MaceSession:
             model = torch.load(source, map_location="cpu", weights_only=False)
             relaxed = Path(args.model_dir) / f"{stem}_relaxed.model"
             os.replace(source, relaxed)
+            relaxed_compiled = Path(args.model_dir) / f"{stem}_relaxed_compiled.model"
+            relaxed_compiled.unlink(missing_ok=True)
+            deployable = _ends_relaxed(model) and _compile_to(
+                lambda: equirelax.export(model, "freeze", inplace=False), relaxed_compiled, "the relaxed model")
             equirelax.export(model, mode=mode)
             torch.save(model, source)
-            written += [source, relaxed]
+            written += [source, relaxed] + ([relaxed_compiled] if deployable else [])
             compiled = Path(args.model_dir) / f"{stem}_compiled.model"
             compiled.unlink(missing_ok=True)  # MACE's compile of the relaxed model, if it had one
-            try:  # as MACE does for its own models: a TorchScript file for LAMMPS and other C++ hosts
-                from e3nn.util import jit
-
-                import warnings
-
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)  # TorchScript's notes on e3nn's annotations
-                    torch.jit.save(jit.compile(copy.deepcopy(model)), compiled)
+            if _compile_to(lambda: copy.deepcopy(model), compiled, "the exported model"):
                 written.append(compiled)
-            except Exception as error:  # noqa: BLE001  (MACE skips compilation failures the same way)
-                logging.warning(f"equirelax: could not compile the exported model: {error}")
             logging.info(f"equirelax: {source}: plain MACE model, branches {mode}d (MACECalculator, no equirelax "
                          f"needed)" + (f"; {compiled}: its TorchScript (LAMMPS)" if compiled.exists() else "")
-                         + f"; {relaxed}: the relaxed model (needs equirelax)")
+                         + f"; {relaxed}: the relaxed model (needs equirelax)"
+                         + (f"; {relaxed_compiled}: the relaxed model's TorchScript, γ and branches kept "
+                            f"(MACECalculator, no equirelax needed)" if deployable else ""))
         return written
+
+
+def _ends_relaxed(model) -> bool:
+    """Whether some branch still acts (γ ≠ 0): only then does the relaxed model differ from the exported one."""
+    return any(type(m).__name__ == "RelaxedLayer" and float(m.gamma) != 0.0 for m in model.modules())
+
+
+def _compile_to(build, path: Path, what: str) -> bool:
+    """As MACE does for its own models: a TorchScript file (e3nn's ``jit.compile``) of ``build()``, for
+    MACECalculator, LAMMPS and C++ hosts; a model that cannot be compiled is logged and skipped, as MACE does."""
+    import warnings
+
+    import torch
+    from e3nn.util import jit
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # TorchScript's notes on e3nn's annotations
+            torch.jit.save(jit.compile(build()), path)
+        return True
+    except Exception as error:  # noqa: BLE001  (MACE skips compilation failures the same way)
+        logging.warning(f"equirelax: could not compile {what}: {error}")
+        return False
 
 
 class _LabelledTables:

@@ -31,17 +31,28 @@ def _build(config):
     return get_method(config.pop("_target_"))(**config)
 
 
-def _refuse_packaging():
+def _packaging() -> bool:
+    """Whether ``nequip-package`` is building this model; the relaxed model is then packaged frozen."""
     try:
         from nequip.scripts._workflow_utils import get_workflow_state
     except ImportError:  # pragma: no cover - other nequip versions
-        return
-    if get_workflow_state() == "package":
-        raise RuntimeError(
-            "equirelax: this checkpoint holds a relaxed model; export it to a plain NequIP checkpoint first "
-            "(`equirelax export --host nequip RELAXED.ckpt exported.ckpt`, or the exported.ckpt the "
-            "EquirelaxCallback writes), then run nequip-package on that"
-        )
+        return False
+    return get_workflow_state() == "package"
+
+
+def _freeze_for_package(built):
+    """``nequip-package`` of a relaxed checkpoint: each relaxed layer frozen (``export(mode="freeze")``: γ and
+    branches kept, plain torch parts, the checkpoint's weights load into it), and the one module that defines the
+    frozen layers interned, so the package runs where equirelax is not installed."""
+    from nequip.scripts import _package_utils
+
+    for graph_model in _submodels(built).values():
+        export(graph_model, "freeze")
+    _package_utils._INTERNAL_MODULES.add(FROZEN_MODULE)
+    return built
+
+
+FROZEN_MODULE = "equirelax.core.frozen"
 
 
 DRIVEN = "_equirelax_driven"  # set on a relaxed model by EquirelaxCallback
@@ -89,7 +100,6 @@ def RelaxedModel(
     """
     from ...core.settings import validate_relax_settings
 
-    _refuse_packaging()
     validate_relax_settings({"controller": controller, "targets": targets, "branch": branch, "rank": rank,
                              "init": init, "init_std": init_std, "group": group, "on_nonfinite": on_nonfinite,
                              "options": {} if options is None else options, "seed": seed}, keys=RELAX_KEYS)
@@ -115,7 +125,7 @@ def RelaxedModel(
                 layer.relax_config["epochs_from_trainer"] = epochs_from_trainer
             first = next(iter(handle.layers.values()))
             next(first.branch.parameters()).register_post_accumulate_grad_hook(_ControllerGuard(graph_model))
-    return built
+    return _freeze_for_package(built) if _packaging() else built
 
 
 def ExportedModel(model, mode: str = "merge", **model_kwargs):

@@ -118,6 +118,12 @@ class Host:
         """Write a plain host model from a relaxed checkpoint; return a line saying what to do with it."""
         raise NotImplementedError(f"equirelax: export has no {cls.name} support")
 
+    @classmethod
+    def deploy(cls, checkpoint: Path, out: Path | None) -> str:
+        """Write the relaxed model of ``checkpoint`` (γ and branches kept, frozen) in the form the host deploys
+        (compiled or packaged: it runs without equirelax); return a line saying what was written and how to run it."""
+        raise NotImplementedError(f"equirelax: deploy has no {cls.name} support")
+
 
 _registered: dict = {}
 

@@ -55,6 +55,11 @@ def main(argv=None):
     exp.add_argument("checkpoint", type=Path)
     exp.add_argument("out", type=Path)
     exp.add_argument("--mode", choices=["merge", "drop"], default="merge")
+    dep = sub.add_parser("deploy", help="write a relaxed checkpoint for deployment: γ and branches kept, compiled "
+                                        "the host's way, runs without equirelax")
+    dep.add_argument("--host", choices=hosts, required=True)
+    dep.add_argument("checkpoint", type=Path)
+    dep.add_argument("out", type=Path, nargs="?", help="where to write it (default: the host's usual name)")
     cmp = sub.add_parser("compare", help="vanilla vs relaxed host training on one config, one report",
                          description=COMPARE_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_compare_arguments(cmp, hosts)
@@ -76,6 +81,11 @@ def main(argv=None):
             if not args.checkpoint.is_file():
                 sys.exit(f"equirelax: no checkpoint at {args.checkpoint}")
             print(host.export(args.checkpoint, args.out, args.mode))
+        elif args.command == "deploy":
+            host = _installed_host(args.host, "deploy")
+            if not args.checkpoint.is_file():
+                sys.exit(f"equirelax: no checkpoint at {args.checkpoint}")
+            print(host.deploy(args.checkpoint, args.out))
         else:
             host = _installed_host(args.host, "pretrain")
             if host.pretrain.__func__ is Host.pretrain.__func__:

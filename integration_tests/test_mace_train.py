@@ -300,6 +300,15 @@ def test_relaxed_model_deploys_compiled_in_mace_calculator_md_and_lammps_without
     assert np.abs(np.array(energies) - plain_energies).max() > 1e-6  # the branches act: not the exported model
     assert out["md_drift"] < 0.05  # eV over 20 steps: the forces are the energy's gradient
 
+    # the same from the command line, for a relaxed .model of any run (export: none, or an older run)
+    cli = subprocess.run([str(Path(sys.executable).parent / "equirelax"), "deploy", "--host", "mace",
+                          "tiny_relaxed.model", "again.model"], cwd=tmp_path, capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    again = MACECalculator(model_paths=str(tmp_path / "again.model"), device="cpu", default_dtype="float64")
+    atoms = read(tmp_path / "test.xyz", 0)
+    atoms.calc = again
+    assert abs(atoms.get_potential_energy() - energies[0]) <= 1e-10
+
 
 def test_equirelax_data_and_pretrain_commands(tmp_path):
     from ase.io import read

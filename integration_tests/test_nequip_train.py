@@ -282,6 +282,13 @@ def test_relaxed_checkpoint_packages_frozen_and_runs_md_without_equirelax(runs, 
         assert np.abs((expected["forces"] - plain["forces"]).detach().numpy()).max() > 1e-6  # branches act
 
 
+def test_equirelax_deploy_for_nequip_names_nequip_package(runs):
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "equirelax"), "deploy", "--host", "nequip",
+                             str(runs["fixed"] / "best.ckpt")], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"nequip-package build {runs['fixed'] / 'best.ckpt'}" in result.stderr, result.stderr[-2000:]
+
+
 def test_gamma_zero_trains_bit_for_bit_like_plain_nequip(data):
     plain = nequip_train(data, "plain", small_config(data))
     relaxed = nequip_train(data, "gamma0", small_config(

@@ -135,6 +135,87 @@ def test_exported_checkpoint_is_equivariant_and_runs_md_without_equirelax(sevenn
     assert path == tmp_path / "exported.pth"
 
 
+LAMMPS_LIKE = EQUIRELAX_ABSENT.split("import numpy")[0] + """
+import json
+import torch
+from ase.io import read
+
+def lammps_like(path, atoms):
+    # what pair_e3gnn hands a serial model for a system without periodic images, and its forces from dE/d(edge_vec)
+    extra = {"chemical_symbols_to_index": "", "cutoff": ""}
+    model = torch.jit.load(path, _extra_files=extra)
+    symbols, cutoff = extra["chemical_symbols_to_index"].decode().split(), float(extra["cutoff"].decode())
+    positions, n = torch.tensor(atoms.positions, dtype=torch.float32), len(atoms)
+    i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    keep = (i != j) & ((positions[j] - positions[i]).norm(dim=-1) < cutoff)
+    src, dst = i[keep], j[keep]
+    edge_vec = (positions[dst] - positions[src]).requires_grad_(True)
+    data = {"x": torch.tensor([symbols.index(s) for s in atoms.get_chemical_symbols()]),
+            "edge_index": torch.stack([src, dst]), "edge_vec": edge_vec,
+            "num_atoms": torch.tensor([n]), "nlocal": torch.tensor([n])}
+    energy = model(data)["inferred_total_energy"].squeeze()
+    dE_dr, = torch.autograd.grad(energy, edge_vec)
+    forces = torch.zeros(n, 3).index_add_(0, src, dE_dr).index_add_(0, dst, -dE_dr)
+    return {"energy": float(energy.detach()), "forces": forces.tolist()}
+
+atoms = read("cluster.xyz")
+print("OUT" + json.dumps({p: lammps_like(p, atoms) for p in ("deployed_serial.pt", "deployed_serial_relaxed.pt")}))
+"""
+
+
+def test_relaxed_and_exported_checkpoints_deploy_as_sevenn_lammps_models(sevennet, clusters, tmp_path):
+    """The exported plain checkpoint through sevenn's own ``sevenn_get_model``; the relaxed checkpoint (γ and branches
+    kept) through ``equirelax deploy --host sevenn``. Both serial TorchScript models run where equirelax is absent,
+    fed as pair_e3gnn feeds them, and give their model's energy and forces."""
+    import copy
+    import json
+
+    from sevenn.util import load_checkpoint
+
+    from equirelax.plugins.sevenn import export_checkpoint
+
+    torch.manual_seed(1)
+    relaxed = copy.deepcopy(sevennet)
+    equirelax.relax(relaxed, "fixed", gamma=0.5, init="random", init_std=0.05)
+    checkpoint = load_checkpoint("7net-0").get_checkpoint_dict()
+    checkpoint["model_state_dict"] = relaxed.state_dict()  # as a relaxed run's checkpoint holds it
+    torch.save(checkpoint, tmp_path / "relaxed.pth")
+    export_checkpoint(relaxed, "7net-0", tmp_path / "exported.pth")
+    exported = equirelax.export(copy.deepcopy(relaxed), mode="merge")
+    atoms = clusters[0]
+    assert not atoms.pbc.any()
+    atoms.write(tmp_path / "cluster.xyz")
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    plain = subprocess.run([str(bin_dir / "sevenn_get_model"), "exported.pth", "-o", "deployed_serial"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    deployed = subprocess.run([str(bin_dir / "equirelax"), "deploy", "--host", "sevenn", "relaxed.pth"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    assert "deployed_serial_relaxed.pt" in deployed.stdout
+    run = subprocess.run([sys.executable, "-c", LAMMPS_LIKE], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.split("OUT")[1])
+    for path, model in (("deployed_serial.pt", exported), ("deployed_serial_relaxed.pt", relaxed)):
+        energy, forces = predict(model, atoms)
+        assert out[path]["energy"] == pytest.approx(energy, abs=1e-4), path
+        assert np.abs(np.array(out[path]["forces"]) - forces).max() < 1e-4, path  # float32
+    assert abs(out["deployed_serial_relaxed.pt"]["energy"] - out["deployed_serial.pt"]["energy"]) > 1e-3
+
+
+def test_deploying_a_plain_sevenn_checkpoint_names_sevenns_own_command(tmp_path):
+    from sevenn.util import load_checkpoint
+
+    torch.save(load_checkpoint("7net-0").get_checkpoint_dict(), tmp_path / "plain.pth")
+    result = subprocess.run([str(Path(sys.executable).parent / "equirelax"), "deploy", "--host", "sevenn",
+                             "plain.pth"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "no relaxed layer" in result.stderr and "sevenn_get_model" in result.stderr
+
+
 # ------------------------------------------------------------------ sevenn's own fine-tuning
 def _sevenn_data(directory):
     from ase.calculators.singlepoint import SinglePointCalculator

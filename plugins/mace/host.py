@@ -171,6 +171,24 @@ class MaceHost(Host):
         return {"energy": error["energy"]["max"], "forces": error["forces"]["max"]}
 
     @classmethod
+    def deploy(cls, checkpoint: Path, out: Path | None) -> str:
+        """A relaxed ``.model`` (``<name>_relaxed.model``, or ``<name>.model`` of an ``export: none`` run) frozen and
+        compiled as MACE compiles: what ``equirelax-mace-train`` writes as ``<name>_relaxed_compiled.model``."""
+        import torch
+
+        from ...core.patching import export
+        from .training import _compile_to, _ends_relaxed
+
+        model = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if not _ends_relaxed(model):
+            raise ValueError(f"equirelax: {checkpoint} has no relaxed layer with γ ≠ 0: it computes as its exported "
+                             "model, which MACE compiles itself (<name>_compiled.model)")
+        out = out or Path(checkpoint).with_name(Path(checkpoint).stem + "_compiled.model")
+        _compile_to(lambda: export(model, "freeze"), out, "the relaxed model", raise_errors=True)
+        return (f"wrote {out}: the relaxed model frozen and compiled (γ and branches kept; MACECalculator and "
+                f"MACE's LAMMPS converter load it without equirelax)")
+
+    @classmethod
     def pretrain(cls, out: Path, train_file: Path, epochs: int, seed: int) -> Path:
         import yaml
 

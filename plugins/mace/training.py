@@ -277,7 +277,7 @@ def _ends_relaxed(model) -> bool:
     return any(type(m).__name__ == "RelaxedLayer" and float(m.gamma) != 0.0 for m in model.modules())
 
 
-def _compile_to(build, path: Path, what: str) -> bool:
+def _compile_to(build, path: Path, what: str, raise_errors: bool = False) -> bool:
     """As MACE does for its own models: a TorchScript file (e3nn's ``jit.compile``) of ``build()``, for
     MACECalculator, LAMMPS and C++ hosts; a model that cannot be compiled is logged and skipped, as MACE does."""
     import warnings
@@ -291,6 +291,8 @@ def _compile_to(build, path: Path, what: str) -> bool:
             torch.jit.save(jit.compile(build()), path)
         return True
     except Exception as error:  # noqa: BLE001  (MACE skips compilation failures the same way)
+        if raise_errors:
+            raise
         logging.warning(f"equirelax: could not compile {what}: {error}")
         return False
 

@@ -249,6 +249,13 @@ class NequipHost(Host):
         return out / "pretrained.ckpt"
 
     @classmethod
+    def deploy(cls, checkpoint: Path, out: Path | None) -> str:
+        raise NotImplementedError(
+            "equirelax: NequIP deploys with its own packager, which takes a relaxed checkpoint as it is: "
+            f"nequip-package build {checkpoint} {out or 'relaxed.nequip.zip'} (the relaxed layers are packaged "
+            "frozen, γ and branches kept; NequIPCalculator runs the package without equirelax)")
+
+    @classmethod
     def export(cls, checkpoint: Path, out: Path, mode: str) -> str:
         from .training import export_checkpoint
 

@@ -53,3 +53,51 @@ def _relaxed(model) -> bool:
     from ...core.layer import RelaxedLayer
 
     return any(isinstance(m, RelaxedLayer) for m in model.modules())
+
+
+def frozen_model(relaxed_checkpoint):
+    """SevenNet's model of a relaxed checkpoint (``checkpoint_best_relaxed.pth``) with each relaxed layer frozen
+    (``export(mode="freeze")``: γ and branches kept as plain torch parts), every weight loaded strictly. The
+    relaxed layers and the branch kind are read from the checkpoint's own keys."""
+    from sevenn.model_build import build_E3_equivariant_model
+    from sevenn.util import load_checkpoint
+
+    from ...core.patching import relax
+
+    checkpoint = load_checkpoint(str(relaxed_checkpoint))
+    state = checkpoint.model_state_dict
+    layers = sorted(key[: -len(".gamma")] for key in state if key.endswith(".gamma"))
+    if not layers:
+        raise ValueError(f"equirelax: {relaxed_checkpoint} holds no relaxed layer (no γ): it is a plain SevenNet "
+                         "checkpoint, which sevenn_get_model deploys as it is")
+    first = layers[0]
+    if f"{first}.branch.A" in state:
+        branch, options = "lowrank", {"rank": state[f"{first}.branch.A"].shape[0]}
+    elif f"{first}.branch.fc1.weight" in state:
+        branch, options = "mlp", {}
+    else:
+        branch, options = "linear", {}
+    model = build_E3_equivariant_model(checkpoint.config)
+    relax(model, "fixed", targets=layers, branch=branch, adapter="sevenn", **options)
+    export(model, mode="freeze")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    unexpected = [k for k in unexpected if "._compiled_main" not in k]  # e3nn's generated constants, rebuilt
+    if missing or unexpected:
+        raise ValueError(f"equirelax: {relaxed_checkpoint} does not fit the model its config builds "
+                         f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})")
+    return model, checkpoint
+
+
+def deploy_relaxed(relaxed_checkpoint, out="deployed_serial_relaxed.pt", modal=None) -> Path:
+    """The relaxed model of ``relaxed_checkpoint`` as sevenn deploys for LAMMPS (``sevenn_get_model``'s serial
+    TorchScript, with its metadata), γ and branches kept: sevenn's own ``deploy``, given the frozen model."""
+    from unittest import mock
+
+    from sevenn.checkpoint import SevenNetCheckpoint
+    from sevenn.scripts.deploy import deploy
+
+    model, checkpoint = frozen_model(relaxed_checkpoint)
+    with mock.patch("sevenn.scripts.deploy.load_checkpoint", lambda _: checkpoint), \
+            mock.patch.object(SevenNetCheckpoint, "build_model", lambda self, **_: model):
+        deploy(str(relaxed_checkpoint), fname=str(out), modal=modal)
+    return Path(out if str(out).endswith(".pt") else f"{out}.pt")

@@ -74,6 +74,14 @@ class SevennHost(Host):
         self.energy_key = reading.get("energy_key", "energy")
         self.forces_key = reading.get("force_key", "forces")
 
+    @classmethod
+    def deploy(cls, checkpoint: Path, out: Path | None) -> str:
+        from .checkpoint import deploy_relaxed
+
+        written = deploy_relaxed(checkpoint, out or Path("deployed_serial_relaxed.pt"))
+        return (f"wrote {written}: the relaxed model as sevenn_get_model writes a serial LAMMPS model (γ and branches "
+                f"kept, TorchScript; pair_style e3gnn, no equirelax needed)")
+
     @property
     def seed(self):
         return self.config["train"].get("random_seed")

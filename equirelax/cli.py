@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from .compare import USAGE as COMPARE_USAGE
-from .compare import DEFAULT_CONTROLLERS, CompareError, compare, reading, table
+from .compare import DEFAULT_CONTROLLERS, CompareError, compare, compare_seeds, reading, seeds_reading, seeds_table, table
 from .core.hosts import Host, HostConfigError, available_hosts, get_host
 from .datasets.emt import write_emt_dataset
 
@@ -118,6 +118,9 @@ def add_compare_arguments(parser, hosts) -> None:
                         help="directory for the runs and the report (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=None, help="override the config's number of epochs")
     parser.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run the comparison once per seed; the report gives mean ± std and a paired verdict "
+                             "against vanilla per seed")
     parser.add_argument("--test-file", default=None, help="test set (default: the config's)")
     parser.add_argument("--controller-options", default="{}",
                         help="JSON: options per controller, e.g. '{\"recm\": {\"probe_every\": 8}}'")
@@ -134,8 +137,20 @@ def run_compare(args) -> int:
         raise CompareError(f"equirelax: --controller-options is not valid JSON: {error}") from None
     if not isinstance(options, dict):
         raise CompareError("equirelax: --controller-options must be a JSON object {controller: {option: value}}")
-    results = compare(args.host, args.config, args.out, args.controllers, epochs=args.epochs, seed=args.seed,
-                      test_file=args.test_file, controller_options=options, device=args.device, quiet=args.quiet)
+    common = dict(epochs=args.epochs, test_file=args.test_file, controller_options=options, device=args.device,
+                  quiet=args.quiet)
+    if args.seeds is not None:
+        results = compare_seeds(args.host, args.config, args.out, args.controllers, seeds=args.seeds,
+                                seed=args.seed, **common)
+        print()
+        print(seeds_table(results))
+        print()
+        for line in seeds_reading(results):
+            print(f"- {line}")
+        print(f"\nreport: {Path(args.out).resolve() / 'report.md'} (each seed's own in seed<s>/)")
+        return 1 if any(run["status"] != "ok" for r in results["per_seed_results"].values() for run in r["runs"]) \
+            else 0
+    results = compare(args.host, args.config, args.out, args.controllers, seed=args.seed, **common)
     print()
     print(table(results))
     print()

@@ -191,3 +191,46 @@ def test_a_missing_nequip_data_file_stops_compare(tmp_path, monkeypatch):
     with pytest.raises(compare.CompareError, match="file_path: no file at .*train_missing.xyz"):
         compare.compare("nequip", tmp_path / "nequip.yaml", tmp_path / "out", ["vanilla"])
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ several seeds
+def _seeded(vanilla, relaxed_eq, relaxed):
+    """Per-seed results: vanilla and one ``recm`` run per seed with the given force MAEs."""
+    return {seed: _results(_run("vanilla", v), _run("recm", e, r, GAMMA_KEPT))
+            for seed, (v, e, r) in enumerate(zip(vanilla, relaxed_eq, relaxed))}
+
+
+def test_seed_aggregation_and_paired_verdict_are_computed_from_the_per_seed_numbers():
+    from statistics import fmean, stdev
+
+    vanilla, exported, relaxed = [100.0, 120.0, 110.0], [104.0, 118.0, 113.0], [90.0, 115.0, 100.0]
+    aggregated = compare.aggregate(_seeded(vanilla, exported, relaxed))
+    row = aggregated["runs"]["recm"]["relaxed/force_mae_mev_per_a"]
+    assert row["mean"] == pytest.approx(fmean(relaxed)) and row["std"] == pytest.approx(stdev(relaxed))
+    assert aggregated["runs"]["vanilla"]["equivariant/force_mae_mev_per_a"]["std"] == pytest.approx(stdev(vanilla))
+    differences = [r - v for r, v in zip(relaxed, vanilla)]
+    verdict = aggregated["verdicts"]["recm/relaxed"]
+    assert verdict["lower"] == 3 and verdict["n"] == 3
+    assert verdict["mean_difference"] == pytest.approx(fmean(differences))
+    assert verdict["std_difference"] == pytest.approx(stdev(differences))
+    assert verdict["relative"] == pytest.approx(fmean(d / v for d, v in zip(differences, vanilla)))
+    assert aggregated["verdicts"]["recm/equivariant"]["lower"] == 1  # 118 < 120 only
+
+    lines = compare.seeds_reading(aggregated)
+    assert any(line.startswith("`recm` (relaxed model): below vanilla on every one of 3 seeds") for line in lines)
+    assert any(line.startswith("`recm` (equivariant model): lower than vanilla on 1 of 3 seeds") and
+               "no consistent difference, within the spread" in line for line in lines)
+    table = compare.seeds_table(aggregated)
+    assert f"| recm | {fmean(exported):.1f} ± {stdev(exported):.1f} | {fmean(relaxed):.1f} ± {stdev(relaxed):.1f} |" \
+        in table
+    assert "relaxed: lower on 3 of 3" in table
+
+
+def test_two_seeds_are_too_few_for_a_claim_and_failed_seeds_are_named():
+    per_seed = _seeded([100.0, 100.0], [90.0, 90.0], [80.0, 80.0])
+    per_seed[1]["runs"][1] = _run("recm", 0.0, status="failed", error="exit code 1")
+    aggregated = compare.aggregate(per_seed)
+    assert aggregated["runs"]["recm"]["failed_seeds"] == [1]
+    assert aggregated["verdicts"]["recm/relaxed"]["n"] == 1
+    assert all("too few seeds to claim a difference" in line for line in compare.seeds_reading(aggregated))
+    assert "| 1 |" in compare.seeds_table(aggregated)

@@ -157,6 +157,38 @@ def test_a_registered_host_runs_through_compare_end_to_end(toy_host, tmp_path, m
     assert report.startswith("# equirelax compare: toy") and "| recm | ok |" in report
 
 
+def test_compare_with_seeds_runs_each_seed_and_reports_mean_and_spread(toy_host, tmp_path, monkeypatch):
+    import statistics
+
+    import yaml
+
+    from equirelax.cli import main
+    from equirelax.datasets.emt import write_emt_dataset
+
+    monkeypatch.chdir(tmp_path)
+    write_emt_dataset(tmp_path / "train.xyz", 12, seed=1, field=[0.0, 0.0, 0.3])
+    write_emt_dataset(tmp_path / "test.xyz", 4, seed=2, field=[0.0, 0.0, 0.3])
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump({"train_file": "train.xyz", "test_file": "test.xyz",
+                                                       "epochs": 1, "lr": 0.01, "seed": 0}))
+    with pytest.raises(SystemExit) as status:
+        main(["compare", "--host", "toy", "--config", "toy.yaml", "--controllers", "vanilla", "ace",
+              "--seeds", "3", "5", "--out", "out", "--quiet"])
+    assert status.value.code == 0
+    per_seed = {s: json.loads((tmp_path / "out" / f"seed{s}" / "results.json").read_text()) for s in (3, 5)}
+    assert [per_seed[s]["seed"] for s in (3, 5)] == [3, 5]
+    values = [next(r for r in per_seed[s]["runs"] if r["name"] == "vanilla")["test"]["equivariant"]
+              ["force_mae_mev_per_a"] for s in (3, 5)]
+    assert values[0] != values[1]  # the seed reached the host's training
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    row = summary["runs"]["vanilla"]["equivariant/force_mae_mev_per_a"]
+    assert summary["seeds"] == [3, 5] and row["values"] == values
+    assert row["mean"] == pytest.approx(statistics.fmean(values)) and row["std"] == pytest.approx(statistics.stdev(values))
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert report.startswith("# equirelax compare: toy, 2 seeds") and "lower on" in report
+    with pytest.raises(SystemExit, match="--seed or --seeds"):
+        main(["compare", "--host", "toy", "--config", "toy.yaml", "--seeds", "1", "2", "--seed", "4"])
+
+
 def test_an_unknown_host_names_the_registered_ones(toy_host):
     from equirelax.core.hosts import HostConfigError, get_host
 

@@ -20,6 +20,11 @@ relaxed model, their equivariance error under random O(3) rotations, the final
     validation.png  validation force MAE per epoch, every run
     gamma.png       γ and the symmetry breaking per layer over training, every relaxed run
 
+With ``--seeds 0 1 2`` the whole comparison runs once per seed (``OUT/seed<s>/``,
+each with the files above) and ``OUT/report.md`` gives every number as mean ±
+std over seeds with a paired verdict against vanilla per seed
+(``equirelax.compare.seeds``).
+
 A run that fails is reported in the table with its error; the others go on. The
 exit status is 1 when a run failed, 0 otherwise. Relative paths in the config
 are taken from the directory ``compare`` is run in. Hosts are plugins
@@ -254,6 +259,27 @@ def compare(host_name: str, config_path: Path, out: Path, controllers=DEFAULT_CO
     }
     write_report(results, out)
     return results
+
+
+def compare_seeds(host_name: str, config_path: Path, out: Path, controllers=DEFAULT_CONTROLLERS, *, seeds,
+                  **options) -> dict:
+    """``compare`` once per seed (``OUT/seed<s>/``), then the mean ± std report over seeds (``OUT/report.md``)."""
+    from .seeds import write_seeds_report
+
+    seeds = list(seeds)
+    if not seeds:
+        raise CompareError("equirelax: --seeds needs at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise CompareError(f"equirelax: --seeds lists a seed twice: {seeds}")
+    if options.get("seed") is not None:
+        raise CompareError("equirelax: give --seed or --seeds, not both")
+    options.pop("seed", None)
+    out = Path(out).resolve()
+    per_seed = {}
+    for seed in seeds:
+        print(f"equirelax compare: seed {seed} ({seeds.index(seed) + 1} of {len(seeds)})", flush=True)
+        per_seed[seed] = compare(host_name, config_path, out / f"seed{seed}", controllers, seed=seed, **options)
+    return {**write_seeds_report(per_seed, out, host_name), "per_seed_results": per_seed}
 
 
 def _json_run(run: Run) -> dict:

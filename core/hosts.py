@@ -51,6 +51,9 @@ class Host:
     test_file_key = "test_file"  # where the host's config names its test set, for messages
     saved_model = "lowest validation loss"  # which model of a run the host keeps, for the report
     can_export = False
+    # rows compare can run besides vanilla and the controllers: the host's own alternatives to relaxation
+    # (``{name: what it is}``); ``command`` sees the name as ``run.name`` with ``run.controller`` None
+    baselines: dict = {}
 
     # set by __init__ from the user's config and the options
     config: dict

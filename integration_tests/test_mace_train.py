@@ -163,6 +163,18 @@ def test_bad_relax_section_is_a_clear_error(tmp_path, data_dir, relax, message):
     assert message in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("flags,message", [
+    ({"lora": True}, "--lora and a relax section both add a trainable branch"),
+    ({"enable_cueq": True}, "--enable_cueq/--enable_oeq rebuild MACE's model"),
+    ({"freeze": 5}, "--freeze 5 freezes MACE's ['interactions', 'node_embedding'], which hold the relaxed layers"),
+])
+def test_mace_fine_tuning_flags_that_undo_relaxation_stop_with_a_clear_error(tmp_path, data_dir, flags, message):
+    result = run(CLI, tmp_path, data_dir, {**BASE, **flags, "relax": {"controller": "ace"}})
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert not list(tmp_path.glob("*.model"))  # stopped before training
+
+
 def test_foundation_model_fine_tuning_starts_from_identical_predictions(tmp_path, data_dir):
     """--foundation_model with a local .model: the relaxed run's initial validation equals vanilla fine-tuning's."""
     pre = run(CLI, tmp_path / "pre", data_dir, {**BASE, "name": "pre", "max_num_epochs": 1})

@@ -234,3 +234,15 @@ def test_two_seeds_are_too_few_for_a_claim_and_failed_seeds_are_named():
     assert aggregated["verdicts"]["recm/relaxed"]["n"] == 1
     assert all("too few seeds to claim a difference" in line for line in compare.seeds_reading(aggregated))
     assert "| 1 |" in compare.seeds_table(aggregated)
+
+
+def test_reading_puts_a_host_baseline_beside_vanilla_and_the_relaxed_runs():
+    lora = _run("lora", 110.0)
+    lora["relaxed_run"], lora["controller"] = False, None
+    results = _results(_run("vanilla", 120.0), lora, _run("recm", 125.0, 104.5, GAMMA_KEPT),
+                       _run("ace", 121.0, 115.5, GAMMA_KEPT))
+    results["baselines"] = {"lora": "the host's LoRA fine-tuning"}
+    text = "\n".join(compare.reading(results))
+    assert "Baseline `lora` (the host's LoRA fine-tuning): test force MAE 110.0 meV/Å (-8.3% vs vanilla)." in text
+    assert "Relaxed models vs `lora`: below: `recm` (-5.0%); not below: `ace` (+5.0%)." in text
+    assert "| lora | ok |" in compare.table(results)

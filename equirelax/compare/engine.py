@@ -6,8 +6,9 @@
 For every entry of ``--controllers`` (default: vanilla cr ace ace-resilient
 recm) the host's own training runs on the user's config, unchanged except for
 the relaxation: ``vanilla`` is the config as it is (its relax settings
-removed), every other entry adds the relaxation with that controller (the
-config's own relax settings, e.g. branch or targets, are kept). Each run lives
+removed), a host's baseline (``Host.baselines``, e.g. its own LoRA fine-tuning) is
+the config with that baseline on, every other entry adds the relaxation with that
+controller (the config's own relax settings, e.g. branch or targets, are kept). Each run lives
 in ``OUT/runs/<name>/`` with the host's usual outputs and ``output.log``. Then
 every resulting model is evaluated the same way on the test set (the config's
 own, or ``--test-file``): energy and force MAE/RMSE of the equivariant model
@@ -200,8 +201,12 @@ def compare(host_name: str, config_path: Path, out: Path, controllers=DEFAULT_CO
         if not test_path.is_file():
             raise CompareError(f"equirelax: no test file at {test_path} (relative paths in the config are taken "
                                "from the directory compare runs in)")
+    baselines = dict(getattr(host_class, "baselines", {}) or {})
+    if set(controller_options) & set(baselines):
+        raise CompareError(f"equirelax: --controller-options: {sorted(set(controller_options) & set(baselines))} "
+                           f"is a {host_name} baseline, configured in the config itself, and takes no options")
     for controller in controllers:  # unknown controllers and bad options stop here, before any training
-        if controller != "vanilla":
+        if controller != "vanilla" and controller not in baselines:
             if not isinstance(controller_options.get(controller, {}), dict):
                 raise CompareError(f"equirelax: --controller-options for {controller!r} must be a mapping")
             try:
@@ -226,7 +231,7 @@ def compare(host_name: str, config_path: Path, out: Path, controllers=DEFAULT_CO
         if directory.exists():
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
-        run = Run(controller, None if controller == "vanilla" else controller, directory,
+        run = Run(controller, None if controller == "vanilla" or controller in baselines else controller, directory,
                   options=controller_options.get(controller, {}))
         runs.append(run)
         print(f"equirelax compare [{index}/{len(controllers)}] {controller}: {host_name} training "
@@ -254,6 +259,7 @@ def compare(host_name: str, config_path: Path, out: Path, controllers=DEFAULT_CO
         "host": host_name, "config": str(Path(config_path).resolve()), "test_file": str(test_path) if test_path is not None else own_test_set,
         "test_configurations": len(frames), "epochs": host.epochs, "seed": host.seed,
         "saved_model": host.saved_model,
+        "baselines": {name: text for name, text in baselines.items() if name in controllers},
         "controllers": controllers, "controller_options": controller_options,
         "runs": [_json_run(run) for run in runs],
     }

@@ -90,6 +90,20 @@ def reading(results: dict) -> list[str]:
             text = f"{label} vs vanilla: below vanilla: {', '.join(below) or 'none'}"
             text += f"; not below vanilla: {', '.join(above)}." if above else "."
             lines.append(text)
+        for baseline in [run for run in ok if not run["relaxed_run"] and run["name"] != "vanilla"]:
+            value = _metric(baseline, "equivariant", "force_mae_mev_per_a")
+            if value is None:
+                continue
+            what = (results.get("baselines") or {}).get(baseline["name"])
+            lines.append(f"Baseline `{baseline['name']}`{f' ({what})' if what else ''}: test force MAE {value:.1f} "
+                         f"meV/Å ({100 * (value / base - 1):+.1f}% vs vanilla).")
+            rows = [(run["name"], _metric(run, "relaxed", "force_mae_mev_per_a")) for run in ok if run["relaxed_run"]]
+            rows = [(name, v) for name, v in rows if v is not None]
+            if rows:
+                below = [f"`{n}` ({100 * (v / value - 1):+.1f}%)" for n, v in rows if v < value]
+                above = [f"`{n}` ({100 * (v / value - 1):+.1f}%)" for n, v in rows if v >= value]
+                lines.append(f"Relaxed models vs `{baseline['name']}`: below: {', '.join(below) or 'none'}"
+                             + (f"; not below: {', '.join(above)}." if above else "."))
         winners = [run["name"] for run in ok if run["relaxed_run"]
                    and (_metric(run, "relaxed", "force_mae_mev_per_a") or math.inf) < base]
         if not winners:

@@ -44,6 +44,8 @@ class MaceHost(Host):
     extra = "mace"
     config_help = "a MACE YAML config"
     test_file_key = "test_file"
+    baselines = {"lora": "MACE's own LoRA fine-tuning (--lora; lora_rank and lora_alpha from the config, else "
+                         "MACE's defaults), merged back into the model at save"}
     PATH_KEYS = ("train_file", "valid_file", "test_file", "test_dir", "pt_train_file", "pt_valid_file",
                  "foundation_model", "statistics_file", "E0s")
     # outputs stay in the run's own directory; a fresh run never resumes an earlier one
@@ -90,6 +92,8 @@ class MaceHost(Host):
         config["name"] = run.name
         if run.relaxed:
             config["relax"] = self.relax_section(run.controller, run.options)
+        if run.name == "lora":
+            config["lora"] = True
         (run.directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         return [sys.executable, "-m", "equirelax.plugins.mace.host", str(run.directory), "--config", "config.yaml"]
 

@@ -80,6 +80,12 @@ class MaceSession:
                               f"(controller {c['controller']!r}, branch {c['branch']!r}, init {c['init']!r}, "
                               f"export {c['export']!r}, the MACE adapter's default targets); remove the section "
                               "to train without relaxation")
+            frozen = _frozen_blocks(getattr(args, "freeze", None))
+            caught = sorted(name for name in self.handle.layers if name.split(".")[0] in frozen)
+            if caught:
+                raise ValueError(f"equirelax: --freeze {args.freeze} freezes MACE's {sorted(frozen)}, which hold the "
+                                 f"relaxed layers {caught}: their branches could not train; freeze fewer blocks or "
+                                 f"relax other layers (targets)")
             logging.info(f"equirelax: relaxed {sorted(self.handle.layers)} with controller {c['controller']!r}")
             with contextlib.suppress(StopIteration, TypeError):
                 self.probe_batch = next(iter(train_loader))
@@ -272,6 +278,14 @@ class MaceSession:
         return written
 
 
+def _frozen_blocks(freeze) -> set:
+    """The top-level MACE blocks ``--freeze N`` freezes (``mace.tools.scripts_utils.get_params_options``)."""
+    if not freeze or freeze < 1:
+        return set()
+    return {"node_embedding"} | {block for level, block in ((5, "interactions"), (6, "products"), (7, "readouts"))
+                                 if freeze >= level}
+
+
 def _ends_relaxed(model) -> bool:
     """Whether some branch still acts (γ ≠ 0): only then does the relaxed model differ from the exported one."""
     return any(type(m).__name__ == "RelaxedLayer" and float(m.gamma) != 0.0 for m in model.modules())
@@ -367,6 +381,18 @@ def distributed_setup(args, session: MaceSession | None = None):
             dist.destroy_process_group()
 
 
+def check_fine_tuning_flags(args) -> None:
+    """MACE fine-tuning options that would undo or fight a relaxation stop before training, naming what to do."""
+    if getattr(args, "lora", False):
+        sys.exit("equirelax: --lora and a relax section both add a trainable branch next to MACE's linear layers "
+                 "(LoRA's equivariant, equirelax's not); use one: remove relax: for MACE's LoRA fine-tuning, or "
+                 "lora for relaxation. `equirelax compare --controllers vanilla lora ace ...` compares them")
+    if getattr(args, "enable_cueq", False) or getattr(args, "only_cueq", False) or getattr(args, "enable_oeq", False):
+        sys.exit("equirelax: --enable_cueq/--enable_oeq rebuild MACE's model with accelerated kernels, which would "
+                 "drop the relaxed layers; train relaxed without them (the exported <name>.model is a plain MACE "
+                 "model that mace's convert_e3nn_cueq accelerates afterwards)")
+
+
 def _run(config, mace_argv) -> None:
     import mace  # noqa: F401
     from mace import tools
@@ -377,6 +403,7 @@ def _run(config, mace_argv) -> None:
         with distributed_setup(args):
             run_train.run(args)
         return
+    check_fine_tuning_flags(args)
     session = MaceSession(config)
     try:
         with distributed_setup(args, session), session.installed():

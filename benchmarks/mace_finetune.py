@@ -1,12 +1,14 @@
 """Relax a pretrained MACE on external-field data vs vanilla MACE fine-tuning, same data, seed and budget.
 
     .venv-mace/bin/python benchmarks/mace_finetune.py [--seeds 3 4 5] [--epochs 15] [--workdir DIR]
+        [--branches linear lowrank] [--controllers fixed ace-resilient recm] [--lora]
 
 1. generates EMT Cu/Al clusters (equirelax.datasets.emt): a symmetric set and a
    set in a uniform field F = (0, 0, 0.3) eV/Å on neutralised species charges;
 2. pretrains a small MACE on the symmetric set with MACE's own CLI (no relax);
 3. fine-tunes it on the field set with ``--foundation_model`` for each of
-   vanilla / fixed / ace-resilient / recm through ``equirelax-mace-train``;
+   vanilla / fixed / ace-resilient / recm through ``equirelax-mace-train``, each relaxed run
+   with every branch kind of ``--branches``, and (``--lora``) MACE's own LoRA fine-tuning;
 4. prints MACE's own test-set force MAE and RMSE of every run, mean ± std over seeds.
 """
 
@@ -60,7 +62,15 @@ def main():
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--pretrain-epochs", type=int, default=40)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--branches", nargs="+", default=["linear"], choices=["linear", "lowrank", "mlp"])
+    parser.add_argument("--controllers", nargs="+", default=[name for name, relax in RUNS if relax])
+    parser.add_argument("--lora", action="store_true", help="add MACE's own --lora fine-tuning as a row")
     args = parser.parse_args()
+    runs = [("vanilla", None)] + ([("lora", "lora")] if args.lora else [])
+    for branch in args.branches:
+        suffix = "" if args.branches == ["linear"] else f" ({branch})"
+        runs += [(f"{c}{suffix}", {"controller": c, **({} if branch == "linear" else {"branch": branch})})
+                 for c in args.controllers]
     from equirelax.datasets.emt import write_emt_dataset
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="mace-finetune-"))
@@ -69,32 +79,35 @@ def main():
     write_emt_dataset(root / "sym.xyz", 80, seed=0)
     write_emt_dataset(root / "field_train.xyz", 40, seed=1, field=field)
     write_emt_dataset(root / "field_test.xyz", 20, seed=2, field=field)
-    mae = {name: [] for name, _ in RUNS}
-    seconds = {name: [] for name, _ in RUNS}
+    mae = {name: [] for name, _ in runs}
+    seconds = {name: [] for name, _ in runs}
     for seed in args.seeds:
         pre = root / f"pretrain-{seed}"
         run(pre, {**BASE, "name": "pre", "seed": seed, "E0s": "average", "lr": 0.01,
                   "train_file": str(root / "sym.xyz"), "max_num_epochs": args.pretrain_epochs})
         # (the same pretraining as `equirelax pretrain --host mace`, on a fixed symmetric set shared by all seeds)
-        for name, relax in RUNS:
+        for name, relax in runs:
+            directory = root / f"{name.replace(' ', '').replace('(', '-').replace(')', '')}-{seed}"
             config = {**BASE, "name": name, "seed": seed, "lr": 0.005, "max_num_epochs": args.epochs,
                       "train_file": str(root / "field_train.xyz"), "test_file": str(root / "field_test.xyz"),
                       "foundation_model": str(pre / "pre.model"), "multiheads_finetuning": False, "E0s": "foundation"}
-            if relax:
+            if relax == "lora":
+                config["lora"] = True
+            elif relax:
                 config["relax"] = relax
-            _, elapsed = run(root / f"{name}-{seed}", config)
-            mae[name].append(test_errors(root / f"{name}-{seed}")[0])
+            _, elapsed = run(directory, config)
+            mae[name].append(test_errors(directory)[0])
             seconds[name].append(elapsed)
             print(f"seed {seed} {name}: test force MAE {mae[name][-1]:.1f} meV/Å ({elapsed:.0f} s)", flush=True)
     print(f"\n# MACE fine-tuning on field data: {args.epochs} epochs, seeds {args.seeds}, workdir {root}\n")
-    print("| fine-tuning | test force MAE (meV/Å) | vs vanilla | wall time per run (s) |")
-    print("|---|---|---|---|")
+    print("| fine-tuning | test force MAE (meV/Å) | vs vanilla | per seed | wall time per run (s) |")
+    print("|---|---|---|---|---|")
     vanilla = statistics.mean(mae["vanilla"])
-    for name, _ in RUNS:
+    for name, _ in runs:
         values = mae[name]
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         print(f"| {name} | {statistics.mean(values):.1f} ± {std:.1f} | {statistics.mean(values) / vanilla:.3f} | "
-              f"{statistics.median(seconds[name]):.0f} |")
+              f"{'/'.join(f'{v:.1f}' for v in values)} | {statistics.median(seconds[name]):.0f} |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     .venv-nequip/bin/python benchmarks/nbody.py [--train 3000] [--epochs 300] [--seeds 0 1 2] [--out DIR]
     .venv-nequip/bin/python benchmarks/nbody.py --quick        # the smallest setting (a regression check)
     .venv-nequip/bin/python benchmarks/nbody.py --model steerable [...]   # the e3nn model instead of EGNN
+    .venv-nequip/bin/python benchmarks/nbody.py --data egnn [...]         # the EGNN authors' data, exactly
 
 For each data set (``symmetric`` and ``field``: a uniform field (0, 0, 1) acting
 on the charges) and seed, trains the EGNN of ``equirelax.models.egnn`` as is
@@ -25,6 +26,7 @@ tensor product) with linear branches; its projection is ``equirelax.export``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -36,7 +38,7 @@ import torch
 import equirelax
 from equirelax.models.egnn import EGNN, nbody_graph
 from equirelax.core.irreps import random_rotations
-from equirelax.datasets.nbody import charged_nbody
+from equirelax.datasets.nbody import charged_nbody, egnn_reference_nbody
 from equirelax.models.steerable_nbody import SteerableNBody
 
 FIELD = [0.0, 0.0, 1.0]
@@ -133,13 +135,28 @@ def train(name, data, seed, epochs, model_name="egnn", batch=100):
     return result
 
 
-def dataset(kind, n_train, n_test, seed, model_name="egnn"):
+def dataset(kind, n_train, n_test, seed, model_name="egnn", data="simulated"):
     field = FIELD if kind == "field" else None
     charges = MODELS[model_name][3]
+    if data == "egnn":  # the authors' fixed data set (its own seed); the run's seed varies the model only
+        splits = egnn_splits(tuple(field) if field else None, max(n_train, n_test))
+
+        def graph(split, n):
+            part = splits[split]
+            return nbody_graph(part.positions[:n], part.velocities[:n], part.charges[:n], charges), torch.as_tensor(
+                part.targets[:n], dtype=torch.get_default_dtype()).reshape(-1, 3)
+
+        train_graph, train_targets = graph("train", n_train)
+        return (train_graph, train_targets, n_train), graph("valid", n_test), graph("test", n_test)
     train_graph, train_targets = load(n_train, 1000 + seed, field, charges)
     valid = load(n_test, 2000 + seed, field, charges)
     test = load(n_test, 3000 + seed, field, charges)
     return (train_graph, train_targets, n_train), valid, test
+
+
+@functools.lru_cache(maxsize=2)
+def egnn_splits(field, systems):
+    return egnn_reference_nbody(max_samples=systems, field=field)
 
 
 def short(layer: str) -> str:
@@ -215,6 +232,9 @@ def main(argv=None):
     parser.add_argument("--best", default="recm", help="the controller of the sample-efficiency curve")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("nbody-output"))
+    parser.add_argument("--data", default="simulated", choices=["simulated", "egnn"],
+                        help="simulated: the exactly symmetric generator (default); egnn: the EGNN authors' data set, "
+                             "generated exactly (per-component force clipping; fixed data, the seed varies the model)")
     parser.add_argument("--quick", action="store_true", help="smallest setting: 200 systems, 3 epochs, 1 seed")
     args = parser.parse_args(argv)
     if args.quick:
@@ -226,7 +246,7 @@ def main(argv=None):
     for kind in args.kinds:
         results[kind] = {name: [] for name in args.controllers}
         for seed in args.seeds:
-            data = dataset(kind, args.train, args.test, seed, args.model)
+            data = dataset(kind, args.train, args.test, seed, args.model, args.data)
             for name in args.controllers:
                 result = train(name, data, seed, args.epochs, args.model)
                 results[kind][name].append(result)
@@ -239,14 +259,14 @@ def main(argv=None):
             if size == args.train and name in results[args.kinds[0]]:
                 result = results[args.kinds[0]][name][0]   # the same run as the table's first seed
             else:
-                data = data or dataset(args.kinds[0], size, args.test, args.seeds[0], args.model)
+                data = data or dataset(args.kinds[0], size, args.test, args.seeds[0], args.model, args.data)
                 result = train(name, data, args.seeds[0], args.epochs, args.model)
             efficiency.setdefault(name, []).append([size, result["test_mse_relaxed"], result["test_mse_projected"]])
             print(f"size {size} {name}: {result['test_mse_relaxed']:.3e} / {result['test_mse_projected']:.3e}")
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                        "results": results, "sample_efficiency": efficiency}))
     plots(results, args.out)
-    print(f"\n# N-body, {args.model}: {args.train} training systems, {args.test} test, {args.epochs} epochs, seeds {args.seeds}\n")
+    print(f"\n# N-body, {args.model}, {args.data} data: {args.train} training systems, {args.test} test, {args.epochs} epochs, seeds {args.seeds}\n")
     for kind in args.kinds:
         print(table(results, kind) + "\n")
     if efficiency:

@@ -381,3 +381,13 @@ def test_multihead_fine_tuning_with_an_empty_relax_section(tmp_path, data_dir):
         errors.append((atoms.get_forces() - reference).ravel())
     rmse_f = 1000 * float(np.sqrt(np.mean(np.concatenate(errors) ** 2)))
     assert table_rmse_f == pytest.approx(rmse_f, abs=0.051)  # MACE's table has one decimal
+
+    # the exported model keeps every head; MACECalculator(head=...) picks one, equirelax not needed
+    assert sorted(plain.heads) == ["Default", "pt_head"]
+    atoms = read(directory / "test.xyz", 0)
+    energies = {}
+    for head in plain.heads:
+        atoms.calc = MACECalculator(model_paths=str(directory / "tiny.model"), device="cpu", default_dtype="float64",
+                                    head=head)
+        energies[head] = atoms.get_potential_energy()
+    assert all(np.isfinite(list(energies.values()))) and energies["Default"] != energies["pt_head"]

@@ -65,3 +65,73 @@ def test_bad_sizes_are_refused():
         charged_nbody(3, n_particles=1)
     with pytest.raises(ValueError, match="horizon >= 1"):
         charged_nbody(3, horizon=0)
+
+
+# ------------------------------------------------------------------ the EGNN authors' data, exactly
+def _authors_sample_trajectory(n=5, T=5000, sample_freq=100):
+    """A literal transcription of the authors' ``ChargedParticlesSim.sample_trajectory`` (3D, no box, noise 0),
+    one system at a time from the global legacy ``np.random`` stream, as their ``generate_dataset.py`` runs it."""
+    def l2(A, B):
+        return (A**2).sum(axis=1).reshape(-1, 1) + (B**2).sum(axis=1).reshape(1, -1) - 2 * A.dot(B.T)
+
+    T_save = T // sample_freq - 1
+    charges = np.random.choice(np.array([-1.0, 0.0, 1.0]), size=(n, 1), p=[0.5, 0, 0.5])
+    edges = charges.dot(charges.T)
+    loc, vel = np.zeros((T_save, 3, n)), np.zeros((T_save, 3, n))
+    loc_next = np.random.randn(3, n)
+    vel_next = np.random.randn(3, n)
+    vel_next = vel_next * 0.5 / np.sqrt((vel_next**2).sum(axis=0)).reshape(1, -1)
+
+    def force(x):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            size = edges / np.power(l2(x.T, x.T), 1.5)
+        np.fill_diagonal(size, 0)
+        F = (size.reshape(1, n, n) * np.stack([np.subtract.outer(x[d], x[d]) for d in range(3)])).sum(axis=-1)
+        F[F > 100.0] = 100.0
+        F[F < -100.0] = -100.0
+        return F
+
+    counter = 0
+    vel_next = vel_next + 0.001 * force(loc_next)
+    for i in range(1, 4101):  # the authors run to T; frames past 40 are not used
+        loc_next = loc_next + 0.001 * vel_next
+        if i % sample_freq == 0:
+            loc[counter], vel[counter] = loc_next, vel_next
+            counter += 1
+        vel_next = vel_next + 0.001 * force(loc_next)
+    np.random.randn(T_save, 3, n)
+    np.random.randn(T_save, 3, n)
+    return loc, vel, charges
+
+
+def test_egnn_reference_data_is_the_authors_generator():
+    from equirelax.datasets.nbody import egnn_reference_nbody
+
+    state = np.random.get_state()
+    try:
+        np.random.seed(43)
+        reference = [_authors_sample_trajectory() for _ in range(5)]  # 3 train, then 2 valid
+    finally:
+        np.random.set_state(state)
+    data = egnn_reference_nbody(3, 2, 0, max_samples=None)
+    for split, indices in (("train", range(3)), ("valid", range(3, 5))):
+        for row, k in enumerate(indices):
+            loc, vel, charges = reference[k]
+            assert np.array_equal(data[split].charges[row], charges)
+            # bit for bit: any rounding difference grows through the chaotic dynamics (einsum instead of the
+            # authors' dot products left 4e-9 by frame 30)
+            assert np.array_equal(data[split].positions[row], loc[30].T)  # frame 30, step 3100
+            assert np.array_equal(data[split].velocities[row], vel[30].T)
+            assert np.array_equal(data[split].targets[row], loc[40].T)  # frame 40, step 4100
+    assert "test" not in data
+
+
+def test_egnn_reference_velocities_lag_half_a_step_and_clipping_is_per_component():
+    from equirelax.datasets.nbody import _egnn_forces
+
+    x = np.array([[[0.0, 0.0, 0.0], [0.05, 0.02, 0.0]]])  # close enough for forces past the ±100 clip
+    q = np.array([[[1.0], [1.0]]])
+    clipped = _egnn_forces(x, q, None)
+    assert np.abs(clipped).max() == 100.0
+    direction = clipped[0, 0] / np.linalg.norm(clipped[0, 0])
+    assert not np.allclose(direction, -x[0, 1] / np.linalg.norm(x[0, 1]))  # the clip turned the force

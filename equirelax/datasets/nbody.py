@@ -103,3 +103,77 @@ def nbody_graph(positions, velocities, charges, node_charges: bool = False):
     if node_charges:
         h = torch.cat([h, q], dim=-1)
     return h, positions.reshape(-1, 3), v, edge_index, edge_attr
+
+
+def egnn_reference_nbody(num_train: int = 10000, num_valid: int = 2000, num_test: int = 2000, *, seed: int = 43,
+                         max_samples: int | None = 3000, field=None, n_particles: int = 5, length: int = 5000,
+                         sample_freq: int = 100, frames=(30, 40)) -> dict:
+    """The charged N-body data as the EGNN authors generate it (``n_body_system/dataset/generate_dataset.py``,
+    ``--num-train 10000 --seed 43 --sufix small``; Kipf et al.'s ``ChargedParticlesSim`` without boxes), exactly:
+
+    - one legacy ``np.random`` stream for train, then valid, then test, drawing per system the charges
+      (``choice([-1, 0, 1], p=[½, 0, ½])``), positions and velocities as ``[3, n]`` arrays, and the
+      observation noise arrays (noise 0, drawn all the same);
+    - forces Σ_j q_i q_j (x_i − x_j)/|x_i − x_j|³ with each Cartesian component of a particle's *total*
+      force clipped at ±100 (this depends on the axes, so the data is slightly not rotation-symmetric);
+    - a full first kick, then drift/kick steps of dt = 0.001, so the stored velocities are half a step
+      behind the positions; frame k is step 100·(k + 1): input frame 30 (step 3100), target frame 40 (4100).
+
+    ``field`` (not in the authors' data) adds q_i·F to each total force before the clipping. Returns
+    ``{"train": NBodyData, "valid": ..., "test": ...}`` with the first ``max_samples`` systems of each split
+    simulated (EGNN trains on the first 3000). :func:`charged_nbody` is the exactly symmetric stand-in.
+    """
+    if length % sample_freq:
+        raise ValueError(f"equirelax: length {length} is not a multiple of sample_freq {sample_freq}")
+    saved = length // sample_freq - 1
+    first, last = frames
+    if not 0 <= first < last < saved:
+        raise ValueError(f"equirelax: frames {frames} must be increasing and below {saved}")
+    rng = np.random.RandomState(seed)
+    splits = {}
+    for name, count in (("train", num_train), ("valid", num_valid), ("test", num_test)):
+        draws = []
+        for _ in range(count):
+            charges = rng.choice(np.array([-1.0, 0.0, 1.0]), size=(n_particles, 1), p=[0.5, 0.0, 0.5])
+            loc = rng.randn(3, n_particles) * 1.0
+            vel = rng.randn(3, n_particles)
+            vel = vel * 0.5 / np.sqrt((vel**2).sum(axis=0)).reshape(1, -1)
+            rng.randn(saved, 3, n_particles)  # the observation noise (variance 0) of positions and velocities
+            rng.randn(saved, 3, n_particles)
+            draws.append((charges, loc.T, vel.T))
+        keep = draws[: count if max_samples is None else min(count, max_samples)]
+        if not keep:
+            continue
+        charges, loc, vel = (np.stack(a) for a in zip(*keep))
+        inputs, targets = _egnn_trajectory(loc, vel, charges, field, sample_freq, (first, last))
+        splits[name] = NBodyData(inputs[0], inputs[1], charges, targets)
+    return splits
+
+
+def _egnn_forces(loc, charges, field):
+    n = loc.shape[1]
+    # the authors' squared distance, |x_i|² + |x_j|² − 2 x_i·x_j (not Σ(x_i − x_j)²: the last bits differ)
+    norms = (loc**2).sum(axis=-1)
+    dist2 = norms[:, :, None] + norms[:, None, :] - 2 * np.matmul(loc, np.swapaxes(loc, 1, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        size = (charges * np.swapaxes(charges, 1, 2)) / np.power(dist2, 1.5)
+    size[:, np.arange(n), np.arange(n)] = 0.0
+    forces = (size[..., None] * (loc[:, :, None, :] - loc[:, None, :, :])).sum(axis=2)
+    if field is not None:
+        forces = forces + charges * np.asarray(field, dtype=float)
+    return np.clip(forces, -100.0, 100.0)  # per Cartesian component of the total force, as the authors do
+
+
+def _egnn_trajectory(loc, vel, charges, field, sample_freq, frames):
+    """``((positions, velocities) at frames[0], positions at frames[1])`` of the authors' integration."""
+    loc, vel = loc.copy(), vel.copy()
+    dt = 0.001
+    vel = vel + dt * _egnn_forces(loc, charges, field)
+    wanted = {sample_freq * (k + 1): k for k in frames}
+    out = {}
+    for step in range(1, max(wanted) + 1):
+        loc = loc + dt * vel
+        if step in wanted:
+            out[wanted[step]] = (loc.copy(), vel.copy())
+        vel = vel + dt * _egnn_forces(loc, charges, field)
+    return out[frames[0]], out[frames[1]][0]

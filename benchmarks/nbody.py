@@ -49,13 +49,15 @@ CONTROLLERS = {
     "ace": ("ace", {}),  # every controller at its defaults, paced by the run's budget
     "ace-resilient": ("ace-resilient", {}),
     "recm": ("recm", {}),
+    "field-input": None,  # the steerable model given the field vector as an input (field data only): no relaxation
 }
 
 
 # name: (build the model, relax() options, export mode, node features include the charge, Adam learning rate)
 MODELS = {
     "egnn": (lambda: EGNN(hidden=64, layers=4), {"branch": "mlp", "init": "random"}, "drop", False, 5e-4),
-    "steerable": (lambda: SteerableNBody("16x0e + 8x1o", layers=3, hidden=16), {"branch": "linear", "init": "random"},
+    "steerable": (lambda **kw: SteerableNBody("16x0e + 8x1o", layers=3, hidden=16, **kw),
+                  {"branch": "linear", "init": "random"},
                   "merge", True, 2e-3),
 }
 
@@ -86,22 +88,34 @@ def mse(model, graph, targets) -> float:
 
 
 def e3_error(model, graph) -> float:
+    """E(3) equivariance error; a field given as an input rotates with the system (joint equivariance)."""
     h, x, v, edges, attr = graph
+    field = getattr(model, "field", None)
     with torch.no_grad():
         reference = model(h, x, v, edges, attr)
         shift = torch.tensor([0.5, -1.0, 2.0], dtype=x.dtype)
         errors = []
         for R in random_rotations(3, "O3", dtype=x.dtype, generator=torch.Generator().manual_seed(0)):
+            if field is not None:
+                original = field.detach().clone()
+                field.copy_(R.to(field.dtype) @ original)
             out = model(h, x @ R.T + shift, v @ R.T, edges, attr)
+            if field is not None:
+                field.copy_(original)
             errors.append(float((out - (reference @ R.T + shift)).norm(dim=-1).mean() / reference.norm(dim=-1).mean()))
     return max(errors)
+
+
+def runs_for(controllers, kind, model_name):
+    """The field-input baseline needs a field (field data) and a model that takes one (the steerable model)."""
+    return [name for name in controllers if name != "field-input" or (kind == "field" and model_name == "steerable")]
 
 
 def train(name, data, seed, epochs, model_name="egnn", batch=100):
     (train_graph, train_targets, n_train), (valid_graph, valid_targets), (test_graph, test_targets) = data
     build, relax_options, export_mode, _, lr = MODELS[model_name]
     torch.manual_seed(seed)
-    model = build()
+    model = build(field=FIELD) if name == "field-input" else build()
     handle = None
     if CONTROLLERS[name] is not None:
         controller, options = CONTROLLERS[name]
@@ -176,7 +190,7 @@ def table(results, kind):
         last = [r["gamma"][-1] for r in runs if r["gamma"]]
         gamma = ", ".join(f"{short(k)}: {statistics.mean(g[k] for g in last):.3f}" for k in last[0]) if last \
             else "-"
-        relaxed = mean_std("test_mse_relaxed") if name != "vanilla" else "-"
+        relaxed = mean_std("test_mse_relaxed") if CONTROLLERS[name] is not None else "-"
         eq = f"{max(r['equivariance_error_relaxed'] for r in runs):.1e} / " \
              f"{max(r['equivariance_error_projected'] for r in runs):.1e}"
         per_seed = ", ".join(f"{r['test_mse_projected']:.2e}" for r in runs)
@@ -244,10 +258,11 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for kind in args.kinds:
-        results[kind] = {name: [] for name in args.controllers}
+        names = runs_for(args.controllers, kind, args.model)
+        results[kind] = {name: [] for name in names}
         for seed in args.seeds:
             data = dataset(kind, args.train, args.test, seed, args.model, args.data)
-            for name in args.controllers:
+            for name in names:
                 result = train(name, data, seed, args.epochs, args.model)
                 results[kind][name].append(result)
                 print(f"{kind} seed {seed} {name}: test MSE relaxed {result['test_mse_relaxed']:.3e} projected "

@@ -76,3 +76,21 @@ def test_export_merges_the_equivariant_part_of_linear_branches(graph):
     exported = model(*graph)
     assert torch.allclose(exported, projected, atol=1e-12)
     assert not torch.allclose(exported, plain, atol=1e-6)  # the merge kept what the branches learned
+
+
+def test_field_input_model_is_equivariant_with_the_field_and_symmetric_about_it_without(graph):
+    from equirelax.core.irreps import random_rotations
+
+    torch.manual_seed(0)
+    field = torch.tensor([0.0, 0.0, 1.0])
+    model = SteerableNBody("8x0e + 4x1o", layers=2, hidden=8, field=field)
+    h, x, v, edges, attr = graph
+    reference = model(h, x, v, edges, attr)
+    R = next(iter(random_rotations(1, "SO3", dtype=x.dtype, generator=torch.Generator().manual_seed(1))))
+    model.field.copy_(R @ field)  # the field rotated with the system: equivariant
+    assert torch.allclose(model(h, x @ R.T, v @ R.T, edges, attr), reference @ R.T, atol=1e-10)
+    model.field.copy_(field)  # the field fixed: a rotation about it is a symmetry, another is not
+    about = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=x.dtype)
+    assert torch.allclose(model(h, x @ about.T, v @ about.T, edges, attr), reference @ about.T, atol=1e-10)
+    assert not torch.allclose(model(h, x @ R.T, v @ R.T, edges, attr), reference @ R.T, atol=1e-3)
+    assert not torch.allclose(reference, SteerableNBody("8x0e + 4x1o", layers=2, hidden=8)(h, x, v, edges, attr))

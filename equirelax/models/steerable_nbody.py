@@ -58,13 +58,19 @@ class SteerableNBody(nn.Module):
     """Positions ``horizon`` steps ahead from ``(h, x, v, edge_index, edge_attr)``, ``h = (|v|, q)``."""
 
     def __init__(self, hidden_irreps: str = "32x0e + 16x1o", layers: int = 3, lmax: int = 1, node_scalars: int = 2,
-                 edge_dim: int = 1, hidden: int = 32):
+                 edge_dim: int = 1, hidden: int = 32, field=None):
+        """``field``: a uniform external field (3-vector) given to every node as a second vector input, the
+        explicit field-input baseline: equivariant when the field rotates with the system, and with the field
+        fixed, symmetric about its axis only."""
         super().__init__()
         irreps = o3.Irreps(hidden_irreps)
         if any(ir.l == 0 and ir.p != 1 for _, ir in irreps) or not any(ir.l == 0 for _, ir in irreps):
             raise ValueError(f"equirelax: hidden_irreps need even scalars (0e) for the gates, got {hidden_irreps!r}")
         self.sh_irreps = o3.Irreps.spherical_harmonics(lmax)
-        self.embedding = o3.Linear(o3.Irreps(f"{node_scalars}x0e + 1x1o"), irreps)
+        vectors = 1 if field is None else 2
+        self.embedding = o3.Linear(o3.Irreps(f"{node_scalars}x0e + {vectors}x1o"), irreps)
+        self.register_buffer("field", None if field is None else torch.as_tensor(
+            field, dtype=torch.get_default_dtype()).clone())  # a copy: the user's tensor is not the model's
         self.blocks = nn.ModuleList(SteerableBlock(irreps, self.sh_irreps, 1 + edge_dim, hidden)
                                     for _ in range(layers))
         self.output = o3.Linear(irreps, o3.Irreps("1x1o"))
@@ -77,7 +83,8 @@ class SteerableNBody(nn.Module):
         sh = o3.spherical_harmonics(self.sh_irreps, relative, normalize=True, normalization="component")
         # |x_i − x_j| rather than its square: no box, so particles drift far apart and squares grow large
         edge_scalars = torch.cat([relative.norm(dim=-1, keepdim=True), edge_attr], dim=-1)
-        features = self.embedding(torch.cat([h, v], dim=-1))
+        inputs = [h, v] if self.field is None else [h, v, self.field.to(v.dtype).expand_as(v)]
+        features = self.embedding(torch.cat(inputs, dim=-1))
         for block in self.blocks:
             features = block(features, sh, edge_scalars, edge_index)
         return x + self.output(features)

@@ -4,6 +4,7 @@
     .venv-nequip/bin/python benchmarks/nbody.py --quick        # the smallest setting (a regression check)
     .venv-nequip/bin/python benchmarks/nbody.py --model steerable [...]   # the e3nn model instead of EGNN
     .venv-nequip/bin/python benchmarks/nbody.py --data egnn [...]         # the EGNN authors' data, exactly
+    .venv-nequip/bin/python benchmarks/nbody.py --model steerable --setup ace-reference [...]
 
 For each data set (``symmetric`` and ``field``: a uniform field (0, 0, 1) acting
 on the charges) and seed, trains the EGNN of ``equirelax.models.egnn`` as is
@@ -111,9 +112,16 @@ def runs_for(controllers, kind, model_name):
     return [name for name in controllers if name != "field-input" or (kind == "field" and model_name == "steerable")]
 
 
-def train(name, data, seed, epochs, model_name="egnn", batch=100):
+# ``--setup ace-reference`` (steerable model): where the ACE reference code puts its branches (the node updates,
+# MLP branches, γ initialised at 1) and its optimiser (Adam lr 9e-4); the controllers keep their defaults
+REFERENCE_SETUP = ({"targets": ["blocks.*.update"], "branch": "mlp", "init": "random"}, 9e-4)
+
+
+def train(name, data, seed, epochs, model_name="egnn", batch=100, setup="default"):
     (train_graph, train_targets, n_train), (valid_graph, valid_targets), (test_graph, test_targets) = data
     build, relax_options, export_mode, _, lr = MODELS[model_name]
+    if setup == "ace-reference":
+        relax_options, lr = REFERENCE_SETUP
     torch.manual_seed(seed)
     model = build(field=FIELD) if name == "field-input" else build()
     handle = None
@@ -246,11 +254,16 @@ def main(argv=None):
     parser.add_argument("--best", default="recm", help="the controller of the sample-efficiency curve")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("nbody-output"))
+    parser.add_argument("--setup", default="default", choices=["default", "ace-reference"],
+                        help="ace-reference (steerable model): MLP branches on the node updates only, Adam lr 9e-4, "
+                             "as the ACE reference code")
     parser.add_argument("--data", default="simulated", choices=["simulated", "egnn"],
                         help="simulated: the exactly symmetric generator (default); egnn: the EGNN authors' data set, "
                              "generated exactly (per-component force clipping; fixed data, the seed varies the model)")
     parser.add_argument("--quick", action="store_true", help="smallest setting: 200 systems, 3 epochs, 1 seed")
     args = parser.parse_args(argv)
+    if args.setup == "ace-reference" and args.model != "steerable":
+        parser.error("--setup ace-reference is for --model steerable (the SEGNN-style model)")
     if args.quick:
         args.train, args.test, args.epochs, args.seeds = 200, 100, 3, [0]
     torch.set_num_threads(args.threads)
@@ -263,7 +276,7 @@ def main(argv=None):
         for seed in args.seeds:
             data = dataset(kind, args.train, args.test, seed, args.model, args.data)
             for name in names:
-                result = train(name, data, seed, args.epochs, args.model)
+                result = train(name, data, seed, args.epochs, args.model, setup=args.setup)
                 results[kind][name].append(result)
                 print(f"{kind} seed {seed} {name}: test MSE relaxed {result['test_mse_relaxed']:.3e} projected "
                       f"{result['test_mse_projected']:.3e} ({result['seconds_per_epoch']:.2f} s/epoch)", flush=True)
@@ -275,13 +288,13 @@ def main(argv=None):
                 result = results[args.kinds[0]][name][0]   # the same run as the table's first seed
             else:
                 data = data or dataset(args.kinds[0], size, args.test, args.seeds[0], args.model, args.data)
-                result = train(name, data, args.seeds[0], args.epochs, args.model)
+                result = train(name, data, args.seeds[0], args.epochs, args.model, setup=args.setup)
             efficiency.setdefault(name, []).append([size, result["test_mse_relaxed"], result["test_mse_projected"]])
             print(f"size {size} {name}: {result['test_mse_relaxed']:.3e} / {result['test_mse_projected']:.3e}")
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                        "results": results, "sample_efficiency": efficiency}))
     plots(results, args.out)
-    print(f"\n# N-body, {args.model}, {args.data} data: {args.train} training systems, {args.test} test, {args.epochs} epochs, seeds {args.seeds}\n")
+    print(f"\n# N-body, {args.model} ({args.setup} setup), {args.data} data: {args.train} training systems, {args.test} test, {args.epochs} epochs, seeds {args.seeds}\n")
     for kind in args.kinds:
         print(table(results, kind) + "\n")
     if efficiency:

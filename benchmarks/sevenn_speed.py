@@ -2,6 +2,7 @@
 exported-model inference.
 
     .venv-nequip/bin/python benchmarks/sevenn_speed.py [--clusters 4] [--repeats 5] [--steps 5] [--threads 2]
+        [--branch linear|lowrank|mlp]
 
 A training step is what sevenn's ``Trainer.run_one_epoch`` does per batch:
 forward through ``AtomGraphSequential`` (forces by autograd), energy + force
@@ -47,6 +48,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--branch", default="linear", choices=["linear", "lowrank", "mlp"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from sevenn.util import model_from_checkpoint, pretrained_name_to_path
@@ -56,8 +58,8 @@ def main():
     variants = {}
     for label, controller, options in CONTROLLERS:
         model = copy.deepcopy(base)
-        variants[label] = (model, equirelax.relax(model, controller, adapter="sevenn", total_steps=TIMING_BUDGET,
-                                                  **options) if controller else None)
+        variants[label] = (model, equirelax.relax(model, controller, adapter="sevenn", branch=args.branch,
+                                                  total_steps=TIMING_BUDGET, **options) if controller else None)
 
     def forward(model):
         data = batch.clone()
@@ -70,7 +72,7 @@ def main():
             + ((out["inferred_force"] - out["force_of_atoms"]) ** 2).mean()
 
     train, infer = time_variants(variants, loss, forward, args.repeats, args.steps)
-    print(f"# SevenNet-0 (7net-0, 842k parameters), linear branch on the 10 self-interaction linears, batch of "
+    print(f"# SevenNet-0 (7net-0, 842k parameters), {args.branch} branch on the 10 self-interaction linears, batch of "
           f"{args.clusters} EMT clusters ({batch['pos'].shape[0]} atoms), float32, cpu, {args.threads} threads, "
           f"median of {args.repeats} repeats of {args.steps} steps, variants interleaved\n")
     print_table(train, infer)

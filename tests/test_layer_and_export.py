@@ -1,5 +1,7 @@
 """Relaxed layers leave the host untouched at γ = 0; export returns the host's own, exactly equivariant model."""
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -211,3 +213,18 @@ def test_model_saved_between_recm_probing_steps_loads_with_its_branch_on(model):
     assert not torch.allclose(reference, equivariant)
     resumed = equirelax.RelaxHandle.attach(pickle.loads(pickle.dumps(model)))
     assert all(layer.probing for layer in resumed.layers.values())  # RECM's schedule comes back on resume
+
+
+def test_dense_branches_larger_than_the_model_warn_and_name_lowrank():
+    def size_warnings(model, **options):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            equirelax.relax(model, "fixed", **options)
+        return [str(w.message) for w in caught if "branches add" in str(w.message)]
+
+    wide = torch.nn.Sequential(o3.Linear("256x0e + 128x1o", "256x0e + 128x1o"))  # 82k weights; dense branch 410k
+    assert size_warnings(wide) == []  # under a million branch parameters: no warning
+    wider = torch.nn.Sequential(o3.Linear("512x0e + 256x1o", "512x0e + 256x1o"))  # 328k weights; dense 1.6M
+    (message,) = size_warnings(wider)
+    assert "branches add 1.6M parameters to a model of 0.3M" in message and "branch='lowrank'" in message
+    assert size_warnings(torch.nn.Sequential(o3.Linear("512x0e + 256x1o", "512x0e + 256x1o")), branch="lowrank") == []

@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 
 from .compare import USAGE as COMPARE_USAGE
-from .compare import DEFAULT_CONTROLLERS, CompareError, compare, compare_seeds, reading, seeds_reading, seeds_table, table
+from .compare import (DEFAULT_CONTROLLERS, CompareError, compare, compare_seeds, reading, seeds_reading, seeds_table,
+                      table)
 from .core.hosts import Host, HostConfigError, available_hosts, get_host
 from .datasets.emt import write_emt_dataset
 

@@ -212,7 +212,7 @@ print("MD-OK", abs(end - start))
 """
 
 
-def test_exported_model_runs_ase_md_without_equirelax(tmp_path, data_dir):
+def test_exported_model_runs_ase_md_without_equirelax(tmp_path, data_dir, not_installed):
     result = run(CLI, tmp_path, data_dir, {**BASE, "relax": {"controller": "recm"}})
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "tiny_compiled.model").exists()
@@ -221,27 +221,19 @@ def test_exported_model_runs_ase_md_without_equirelax(tmp_path, data_dir):
     drift = float(md.stdout.split("MD-OK")[1])
     assert drift < 0.05  # eV over 20 steps: the forces are the energy's gradient
     # the relaxed model itself needs equirelax, and says so where it is not installed
-    relaxed = subprocess.run([sys.executable, "-c", NOT_INSTALLED + LOAD_RELAXED], cwd=tmp_path, capture_output=True,
+    relaxed = subprocess.run([sys.executable, "-c", not_installed + LOAD_RELAXED], cwd=tmp_path, capture_output=True,
                              text=True, timeout=600)
     assert relaxed.returncode != 0
     assert "No module named 'equirelax'" in relaxed.stderr, relaxed.stderr[-2000:]
 
 
-NOT_INSTALLED = """
-import importlib.abc, sys
-class NotInstalled(importlib.abc.MetaPathFinder):  # as if equirelax were not installed
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "equirelax":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, NotInstalled())
-"""
 LOAD_RELAXED = """
 from mace.calculators import MACECalculator
 MACECalculator(model_paths="tiny_relaxed.model", device="cpu", default_dtype="float64")
 """
 
 
-DEPLOYED_SCRIPT = NOT_INSTALLED + """
+DEPLOYED_SCRIPT = """
 import json, sys
 import numpy as np
 import torch
@@ -282,7 +274,8 @@ print("OUT" + json.dumps(out))
 """
 
 
-def test_relaxed_model_deploys_compiled_in_mace_calculator_md_and_lammps_without_equirelax(tmp_path, data_dir):
+def test_relaxed_model_deploys_compiled_in_mace_calculator_md_and_lammps_without_equirelax(tmp_path, data_dir,
+                                                                                           not_installed):
     """A run that ends relaxed also writes ``<name>_relaxed_compiled.model``: γ and branches kept, TorchScript. It
     runs in MACECalculator and 20 MD steps where equirelax is not installed, and MACE's LAMMPS converter takes it;
     energies and forces equal the relaxed model's."""
@@ -291,8 +284,8 @@ def test_relaxed_model_deploys_compiled_in_mace_calculator_md_and_lammps_without
 
     result = run(CLI, tmp_path, data_dir, {**BASE, "relax": {"controller": "fixed"}})
     assert result.returncode == 0, result.stderr[-3000:]
-    deployed = subprocess.run([sys.executable, "-c", DEPLOYED_SCRIPT], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=600)
+    deployed = subprocess.run([sys.executable, "-c", not_installed + DEPLOYED_SCRIPT], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
     assert deployed.returncode == 0, deployed.stderr[-3000:]
     out = json.loads(deployed.stdout.split("OUT")[1])
 

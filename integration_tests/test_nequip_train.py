@@ -211,14 +211,8 @@ def test_exported_package_runs_in_nequip_ase_calculator_without_equirelax(runs, 
     assert abs(float(expected.detach()) - energy) < 1e-9
 
 
-def test_relaxed_checkpoint_without_equirelax_installed_names_it(runs):
-    script = textwrap.dedent(f"""
-        import importlib.abc, sys
-        class NotInstalled(importlib.abc.MetaPathFinder):  # as if equirelax were not installed
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "equirelax":
-                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-        sys.meta_path.insert(0, NotInstalled())
+def test_relaxed_checkpoint_without_equirelax_installed_names_it(runs, not_installed):
+    script = not_installed + textwrap.dedent(f"""
         from nequip.model import ModelFromCheckpoint
         from nequip.utils.global_state import set_global_state
         set_global_state()
@@ -230,7 +224,7 @@ def test_relaxed_checkpoint_without_equirelax_installed_names_it(runs):
     assert "No module named 'equirelax'" in result.stderr, result.stderr[-2000:]
 
 
-def test_relaxed_checkpoint_packages_frozen_and_runs_md_without_equirelax(runs, data, tmp_path):
+def test_relaxed_checkpoint_packages_frozen_and_runs_md_without_equirelax(runs, data, tmp_path, not_installed):
     """``nequip-package`` of a relaxed checkpoint: the package holds the relaxed model frozen (γ and branches kept,
     ``equirelax.core.frozen`` inside the package) and NequIP's ASE calculator runs it, 20 MD steps included, where
     equirelax is not installed; energies and forces equal the relaxed model's."""
@@ -244,13 +238,8 @@ def test_relaxed_checkpoint_packages_frozen_and_runs_md_without_equirelax(runs, 
     assert result.returncode == 0, result.stderr[-3000:]
     carried = [n for n in zipfile.ZipFile(package).namelist() if "equirelax" in n and n.endswith(".py")]
     assert carried and all(n.endswith("equirelax/core/frozen.py") for n in carried), carried
-    script = textwrap.dedent(f"""
-        import importlib.abc, json, sys
-        class NotInstalled(importlib.abc.MetaPathFinder):  # as if equirelax were not installed
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "equirelax":
-                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-        sys.meta_path.insert(0, NotInstalled())
+    script = not_installed + textwrap.dedent(f"""
+        import json
         import numpy as np
         from ase import units
         from ase.io import read

@@ -69,13 +69,7 @@ def test_default_targets_and_identical_step_zero_predictions(sevennet, clusters)
         assert relaxed_energy == energy and np.array_equal(relaxed_forces, forces)
 
 
-EQUIRELAX_ABSENT = """
-import importlib.abc, sys
-class Absent(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "equirelax":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, Absent())
+MD_SCRIPT = """
 import numpy as np
 from ase import units
 from ase.io import read
@@ -92,7 +86,8 @@ print("DRIFT", abs(atoms.get_potential_energy() + atoms.get_kinetic_energy() - s
 """
 
 
-def test_exported_checkpoint_is_equivariant_and_runs_md_without_equirelax(sevennet, clusters, tmp_path):
+def test_exported_checkpoint_is_equivariant_and_runs_md_without_equirelax(sevennet, clusters, tmp_path,
+                                                                         not_installed):
     import copy
 
     from e3nn import o3
@@ -127,7 +122,7 @@ def test_exported_checkpoint_is_equivariant_and_runs_md_without_equirelax(sevenn
     assert abs(relaxed_rotated_energy - relaxed_energy) > 1e-4  # the relaxed model was not
 
     atoms.write(tmp_path / "cluster.xyz")
-    md = subprocess.run([sys.executable, "-c", EQUIRELAX_ABSENT], cwd=tmp_path, capture_output=True, text=True,
+    md = subprocess.run([sys.executable, "-c", not_installed + MD_SCRIPT], cwd=tmp_path, capture_output=True, text=True,
                         timeout=600)
     assert md.returncode == 0, md.stderr[-3000:]
     assert float(md.stdout.split("E0")[1].split()[0]) == pytest.approx(exported_energy, abs=1e-4)
@@ -135,7 +130,7 @@ def test_exported_checkpoint_is_equivariant_and_runs_md_without_equirelax(sevenn
     assert path == tmp_path / "exported.pth"
 
 
-LAMMPS_LIKE = EQUIRELAX_ABSENT.split("import numpy")[0] + """
+LAMMPS_LIKE = """
 import json
 import torch
 from ase.io import read
@@ -163,7 +158,8 @@ print("OUT" + json.dumps({p: lammps_like(p, atoms) for p in ("deployed_serial.pt
 """
 
 
-def test_relaxed_and_exported_checkpoints_deploy_as_sevenn_lammps_models(sevennet, clusters, tmp_path):
+def test_relaxed_and_exported_checkpoints_deploy_as_sevenn_lammps_models(sevennet, clusters, tmp_path,
+                                                                       not_installed):
     """The exported plain checkpoint through sevenn's own ``sevenn_get_model``; the relaxed checkpoint (γ and branches
     kept) through ``equirelax deploy --host sevenn``. Both serial TorchScript models run where equirelax is absent,
     fed as pair_e3gnn feeds them, and give their model's energy and forces."""
@@ -195,8 +191,8 @@ def test_relaxed_and_exported_checkpoints_deploy_as_sevenn_lammps_models(sevenne
                               cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert deployed.returncode == 0, deployed.stderr[-3000:]
     assert "deployed_serial_relaxed.pt" in deployed.stdout
-    run = subprocess.run([sys.executable, "-c", LAMMPS_LIKE], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600, env=env)
+    run = subprocess.run([sys.executable, "-c", not_installed + LAMMPS_LIKE], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.split("OUT")[1])
     for path, model in (("deployed_serial.pt", exported), ("deployed_serial_relaxed.pt", relaxed)):
@@ -269,7 +265,7 @@ def sevenn_run(tmp_path_factory):
     return directory
 
 
-def test_sevenn_fine_tuning_runs_the_controller_and_writes_a_plain_checkpoint(sevenn_run):
+def test_sevenn_fine_tuning_runs_the_controller_and_writes_a_plain_checkpoint(sevenn_run, not_installed):
     log = (sevenn_run / "log.sevenn").read_text()
     assert f"equirelax: relaxed {SELF_INTERACTIONS} with controller 'ace'" in log
     lines = [line for line in log.splitlines() if line.startswith("equirelax: gamma/0_self_interaction_1.linear=")]
@@ -284,7 +280,7 @@ def test_sevenn_fine_tuning_runs_the_controller_and_writes_a_plain_checkpoint(se
     from ase.io import read
 
     read(sevenn_run / "valid.extxyz", 0).write(sevenn_run / "cluster.xyz")
-    script = EQUIRELAX_ABSENT.replace('model="exported.pth"', 'model="checkpoint_best.pth"')
+    script = not_installed + MD_SCRIPT.replace('model="exported.pth"', 'model="checkpoint_best.pth"')
     md = subprocess.run([sys.executable, "-c", script], cwd=sevenn_run, capture_output=True, text=True, timeout=600)
     assert md.returncode == 0, md.stderr[-3000:]
     assert float(md.stdout.split("DRIFT")[1]) < 0.05

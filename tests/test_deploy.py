@@ -11,21 +11,6 @@ import equirelax
 from equirelax.core._e3nn import o3
 from equirelax.datasets.synthetic import IRREPS_IN, gated_e3nn_model
 
-NOT_INSTALLED = """
-import importlib.abc, sys
-class NotInstalled(importlib.abc.MetaPathFinder):  # as if equirelax were not installed
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "equirelax":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, NotInstalled())
-try:
-    import equirelax
-    raise SystemExit("equirelax is importable")
-except ModuleNotFoundError:
-    pass
-"""
-
-
 def _compile(model):
     from e3nn.util import jit
 
@@ -58,7 +43,7 @@ def test_frozen_model_equals_relaxed_and_holds_only_plain_modules(branch):
 
 
 @pytest.mark.parametrize("branch", ["linear", "lowrank", "mlp"])
-def test_compiled_frozen_model_runs_without_equirelax(branch, tmp_path):
+def test_compiled_frozen_model_runs_without_equirelax(branch, tmp_path, not_installed):
     model = _relaxed(branch)
     x = torch.randn(16, o3.Irreps(IRREPS_IN).dim)
     expected = model(x).detach()
@@ -66,7 +51,7 @@ def test_compiled_frozen_model_runs_without_equirelax(branch, tmp_path):
     assert torch.allclose(compiled(x), expected, atol=1e-12, rtol=0)
     torch.jit.save(compiled, tmp_path / "model.pt")
     torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
-    script = NOT_INSTALLED + """
+    script = not_installed + """
 import torch
 model = torch.jit.load("model.pt")
 io = torch.load("io.pt")

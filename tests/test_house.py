@@ -114,21 +114,26 @@ def toy_host(monkeypatch):
     return toy_host
 
 
-def test_a_registered_host_runs_through_compare_end_to_end(toy_host, tmp_path, monkeypatch):
+def _toy_compare(directory, train: int, test: int, epochs: int, *arguments) -> int:
+    """``equirelax compare --host toy`` on generated field data in ``directory``; returns the exit status."""
     import yaml
 
     from equirelax.cli import main
     from equirelax.datasets.emt import write_emt_dataset
 
-    monkeypatch.chdir(tmp_path)
-    write_emt_dataset(tmp_path / "train.xyz", 20, seed=1, field=[0.0, 0.0, 0.3])
-    write_emt_dataset(tmp_path / "test.xyz", 5, seed=2, field=[0.0, 0.0, 0.3])
-    (tmp_path / "toy.yaml").write_text(yaml.safe_dump({"train_file": "train.xyz", "test_file": "test.xyz",
-                                                       "epochs": 2, "lr": 0.01, "seed": 0}))
+    write_emt_dataset(directory / "train.xyz", train, seed=1, field=[0.0, 0.0, 0.3])
+    write_emt_dataset(directory / "test.xyz", test, seed=2, field=[0.0, 0.0, 0.3])
+    (directory / "toy.yaml").write_text(yaml.safe_dump({"train_file": "train.xyz", "test_file": "test.xyz",
+                                                        "epochs": epochs, "lr": 0.01, "seed": 0}))
     with pytest.raises(SystemExit) as status:
-        main(["compare", "--host", "toy", "--config", "toy.yaml", "--controllers", "vanilla", "ace", "recm",
-              "--out", "out", "--quiet"])
-    assert status.value.code == 0
+        main(["compare", "--host", "toy", "--config", "toy.yaml", *arguments, "--out", "out", "--quiet"])
+    return status.value.code
+
+
+def test_a_registered_host_runs_through_compare_end_to_end(toy_host, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = _toy_compare(tmp_path, 20, 5, 2, "--controllers", "vanilla", "ace", "recm")
+    assert code == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["host"] == "toy" and results["epochs"] == 2 and results["test_configurations"] == 5
     runs = {run["name"]: run for run in results["runs"]}
@@ -160,20 +165,10 @@ def test_a_registered_host_runs_through_compare_end_to_end(toy_host, tmp_path, m
 def test_compare_with_seeds_runs_each_seed_and_reports_mean_and_spread(toy_host, tmp_path, monkeypatch):
     import statistics
 
-    import yaml
-
     from equirelax.cli import main
-    from equirelax.datasets.emt import write_emt_dataset
 
     monkeypatch.chdir(tmp_path)
-    write_emt_dataset(tmp_path / "train.xyz", 12, seed=1, field=[0.0, 0.0, 0.3])
-    write_emt_dataset(tmp_path / "test.xyz", 4, seed=2, field=[0.0, 0.0, 0.3])
-    (tmp_path / "toy.yaml").write_text(yaml.safe_dump({"train_file": "train.xyz", "test_file": "test.xyz",
-                                                       "epochs": 1, "lr": 0.01, "seed": 0}))
-    with pytest.raises(SystemExit) as status:
-        main(["compare", "--host", "toy", "--config", "toy.yaml", "--controllers", "vanilla", "ace",
-              "--seeds", "3", "5", "--out", "out", "--quiet"])
-    assert status.value.code == 0
+    assert _toy_compare(tmp_path, 12, 4, 1, "--controllers", "vanilla", "ace", "--seeds", "3", "5") == 0
     per_seed = {s: json.loads((tmp_path / "out" / f"seed{s}" / "results.json").read_text()) for s in (3, 5)}
     assert [per_seed[s]["seed"] for s in (3, 5)] == [3, 5]
     values = [next(r for r in per_seed[s]["runs"] if r["name"] == "vanilla")["test"]["equivariant"]
@@ -182,7 +177,8 @@ def test_compare_with_seeds_runs_each_seed_and_reports_mean_and_spread(toy_host,
     summary = json.loads((tmp_path / "out" / "results.json").read_text())
     row = summary["runs"]["vanilla"]["equivariant/force_mae_mev_per_a"]
     assert summary["seeds"] == [3, 5] and row["values"] == values
-    assert row["mean"] == pytest.approx(statistics.fmean(values)) and row["std"] == pytest.approx(statistics.stdev(values))
+    assert row["mean"] == pytest.approx(statistics.fmean(values))
+    assert row["std"] == pytest.approx(statistics.stdev(values))
     report = (tmp_path / "out" / "report.md").read_text()
     assert report.startswith("# equirelax compare: toy, 2 seeds") and "lower on" in report
     with pytest.raises(SystemExit, match="--seed or --seeds"):

@@ -231,8 +231,8 @@ def compare(host_name: str, config_path: Path, out: Path, controllers=DEFAULT_CO
         if directory.exists():
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
-        run = Run(controller, None if controller == "vanilla" or controller in baselines else controller, directory,
-                  options=controller_options.get(controller, {}))
+        relaxing = controller != "vanilla" and controller not in baselines
+        run = Run(controller, controller if relaxing else None, directory, options=controller_options.get(controller, {}))
         runs.append(run)
         print(f"equirelax compare [{index}/{len(controllers)}] {controller}: {host_name} training "
               f"(log: {directory / 'output.log'})", flush=True)

@@ -60,6 +60,17 @@ class _Frozen(nn.Module):
     """Shared by the frozen layers: state dicts of the relaxed layer load into them (its base, branch and γ keys
     are the same; controller state ``ctrl_*`` and RECM probes ``probe_*`` are training-only and skipped)."""
 
+    IRREPS: tuple = ()  # the host layer's irreps attributes, copied: host code may inspect its layers
+
+    def __init__(self, base: nn.Module, branch: nn.Module, gamma: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.branch = branch
+        self.register_buffer("gamma", gamma.detach().clone())
+        for name in self.IRREPS:
+            if hasattr(base, name):
+                setattr(self, name, getattr(base, name))
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in [k for k in state_dict if k.startswith(prefix + "ctrl_") or k.startswith(prefix + "probe_")]:
             del state_dict[key]
@@ -70,14 +81,7 @@ class _Frozen(nn.Module):
 class FrozenRelaxedLinear(_Frozen):
     """``base(x) + γ·branch(x)`` for a host layer called with its features alone (e3nn ``o3.Linear`` and kin)."""
 
-    def __init__(self, base: nn.Module, branch: nn.Module, gamma: torch.Tensor):
-        super().__init__()
-        self.base = base
-        self.branch = branch
-        self.register_buffer("gamma", gamma.detach().clone())
-        for name in ("irreps_in", "irreps_out"):  # read by host code that inspects its layers
-            if hasattr(base, name):
-                setattr(self, name, getattr(base, name))
+    IRREPS = ("irreps_in", "irreps_out")
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.base(features) + self.gamma.to(features.dtype) * self.branch(features)
@@ -87,14 +91,7 @@ class FrozenRelaxedLinear(_Frozen):
 class FrozenRelaxedPair(_Frozen):
     """``base(x1, x2, weight) + γ·branch([x1, x2])`` for a tensor product (branch fed both inputs, broadcast)."""
 
-    def __init__(self, base: nn.Module, branch: nn.Module, gamma: torch.Tensor):
-        super().__init__()
-        self.base = base
-        self.branch = branch
-        self.register_buffer("gamma", gamma.detach().clone())
-        for name in ("irreps_in1", "irreps_in2", "irreps_out"):
-            if hasattr(base, name):
-                setattr(self, name, getattr(base, name))
+    IRREPS = ("irreps_in1", "irreps_in2", "irreps_out")
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = self.base(x1, x2, weight)

@@ -232,7 +232,8 @@ def compare(host_name: str, config_path: Path, out: Path, controllers=DEFAULT_CO
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
         relaxing = controller != "vanilla" and controller not in baselines
-        run = Run(controller, controller if relaxing else None, directory, options=controller_options.get(controller, {}))
+        run = Run(controller, controller if relaxing else None, directory,
+                  options=controller_options.get(controller, {}))
         runs.append(run)
         print(f"equirelax compare [{index}/{len(controllers)}] {controller}: {host_name} training "
               f"(log: {directory / 'output.log'})", flush=True)

@@ -57,8 +57,8 @@ def _relaxed(model) -> bool:
 
 def frozen_model(relaxed_checkpoint):
     """SevenNet's model of a relaxed checkpoint (``checkpoint_best_relaxed.pth``) with each relaxed layer frozen
-    (``export(mode="freeze")``: γ and branches kept as plain torch parts), every weight loaded strictly. The
-    relaxed layers and the branch kind are read from the checkpoint's own keys."""
+    (``export(mode="freeze")``: γ and branches kept as plain torch parts), every weight of the checkpoint loaded
+    (a missing or unknown key is an error). The relaxed layers and the branch kind are read from its own keys."""
     from sevenn.model_build import build_E3_equivariant_model
     from sevenn.util import load_checkpoint
 

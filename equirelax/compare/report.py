@@ -85,11 +85,7 @@ def reading(results: dict) -> list[str]:
             rows = [(name, value) for name, value in rows if value is not None]
             if not rows:
                 continue
-            below = [f"`{n}` ({100 * (v / base - 1):+.1f}%)" for n, v in rows if v < base]
-            above = [f"`{n}` ({100 * (v / base - 1):+.1f}%)" for n, v in rows if v >= base]
-            text = f"{label} vs vanilla: below vanilla: {', '.join(below) or 'none'}"
-            text += f"; not below vanilla: {', '.join(above)}." if above else "."
-            lines.append(text)
+            lines.append(_against(f"{label} vs vanilla", rows, base, "below vanilla", "not below vanilla"))
         for baseline in [run for run in ok if not run["relaxed_run"] and run["name"] != "vanilla"]:
             value = _metric(baseline, "equivariant", "force_mae_mev_per_a")
             if value is None:
@@ -100,10 +96,7 @@ def reading(results: dict) -> list[str]:
             rows = [(run["name"], _metric(run, "relaxed", "force_mae_mev_per_a")) for run in ok if run["relaxed_run"]]
             rows = [(name, v) for name, v in rows if v is not None]
             if rows:
-                below = [f"`{n}` ({100 * (v / value - 1):+.1f}%)" for n, v in rows if v < value]
-                above = [f"`{n}` ({100 * (v / value - 1):+.1f}%)" for n, v in rows if v >= value]
-                lines.append(f"Relaxed models vs `{baseline['name']}`: below: {', '.join(below) or 'none'}"
-                             + (f"; not below: {', '.join(above)}." if above else "."))
+                lines.append(_against(f"Relaxed models vs `{baseline['name']}`", rows, value, "below", "not below"))
         winners = [run["name"] for run in ok if run["relaxed_run"]
                    and (_metric(run, "relaxed", "force_mae_mev_per_a") or math.inf) < base]
         if not winners:
@@ -137,6 +130,14 @@ def reading(results: dict) -> list[str]:
         lines.append(f"Ended with γ > 0 somewhere (still relaxed; the exported model is their equivariant "
                      f"projection): {', '.join(kept)}.")
     return lines
+
+
+def _against(head: str, rows: list, reference: float, below_label: str, above_label: str) -> str:
+    """One sentence: which ``(name, force MAE)`` rows are below ``reference`` and which are not, with margins."""
+    below = [f"`{n}` ({100 * (v / reference - 1):+.1f}%)" for n, v in rows if v < reference]
+    above = [f"`{n}` ({100 * (v / reference - 1):+.1f}%)" for n, v in rows if v >= reference]
+    return f"{head}: {below_label}: {', '.join(below) or 'none'}" + (f"; {above_label}: {', '.join(above)}."
+                                                                       if above else ".")
 
 
 def _saved_model(results: dict) -> str:

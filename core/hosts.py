@@ -54,6 +54,8 @@ class Host:
     # rows compare can run besides vanilla and the controllers: the host's own alternatives to relaxation
     # (``{name: what it is}``); ``command`` sees the name as ``run.name`` with ``run.controller`` None
     baselines: dict = {}
+    # what ``equirelax pretrain`` generates and trains unless told: configurations and epochs
+    pretrain_defaults = {"n": 80, "epochs": 40}
 
     # set by __init__ from the user's config and the options
     config: dict
@@ -112,8 +114,9 @@ class Host:
         raise NotImplementedError
 
     @classmethod
-    def pretrain(cls, out: Path, train_file: Path, epochs: int, seed: int) -> Path:
-        """Train a small plain model on ``train_file`` with the host's own training; return where it is saved."""
+    def pretrain(cls, out: Path, train_file: Path, epochs: int, seed: int, test_file: Path | None = None) -> Path:
+        """Train a small plain model on ``train_file`` with the host's own training (which also reports its errors
+        on ``test_file``); return where it is saved. ``pretrain_defaults`` sizes what ``equirelax pretrain`` runs."""
         raise NotImplementedError(f"equirelax: pretrain has no {cls.name} support")
 
     @classmethod

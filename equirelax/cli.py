@@ -2,13 +2,15 @@
 
     equirelax data emt OUT.xyz [--n 100] [--seed 0]
     equirelax data emt-field OUT.xyz [--n 100] [--seed 0] [--field 0 0 0.3]
-    equirelax pretrain --host HOST --out DIR [--n 80] [--epochs 40] [--seed 3]      (HOST: mace, nequip)
+    equirelax pretrain --host HOST --out DIR [--n N] [--epochs E] [--n-test 100] [--seed 3]   (HOST: mace, nequip)
     equirelax export --host HOST RELAXED.ckpt OUT.ckpt [--mode merge|drop]           (HOST: nequip)
     equirelax compare --host HOST --config CONFIG.yaml [--controllers vanilla cr ace ace-resilient recm]
                       [--out DIR] [--epochs N] [--seed S] [--test-file F] [--controller-options JSON]
 
-``pretrain`` generates the symmetric EMT set in DIR, trains a small potential on
-it with the host's own training (no relaxation) and saves it: MACE as
+``pretrain`` generates a symmetric EMT training set and a held-out test set in
+DIR, trains a small potential with the host's own training (no relaxation; the
+host reports its errors on the test set) and saves it (N and E default to the
+host's: MACE 400 and 100, NequIP 80 and 40): MACE as
 ``DIR/pretrained.model`` (fine-tune with ``--foundation_model``), NequIP as
 ``DIR/pretrained.ckpt`` (fine-tune with ``nequip.model.ModelFromCheckpoint``).
 ``export`` turns a relaxed NequIP checkpoint into a plain one for
@@ -48,8 +50,9 @@ def main(argv=None):
     pre = sub.add_parser("pretrain", help="train and save a small pretrained potential on symmetric EMT data")
     pre.add_argument("--host", choices=hosts, required=True)
     pre.add_argument("--out", type=Path, required=True)
-    pre.add_argument("--n", type=int, default=80)
-    pre.add_argument("--epochs", type=int, default=40)
+    pre.add_argument("--n", type=int, default=None, help="training configurations (default: the host's)")
+    pre.add_argument("--epochs", type=int, default=None, help="training epochs (default: the host's)")
+    pre.add_argument("--n-test", type=int, default=100, help="held-out configurations the host reports errors on")
     pre.add_argument("--seed", type=int, default=3)
     exp = sub.add_parser("export", help="write a plain host checkpoint from a relaxed one (branches merged/dropped)")
     exp.add_argument("--host", choices=hosts, required=True)
@@ -91,9 +94,15 @@ def main(argv=None):
             host = _installed_host(args.host, "pretrain")
             if host.pretrain.__func__ is Host.pretrain.__func__:
                 sys.exit(f"equirelax: pretrain has no {args.host} support")
+            n = host.pretrain_defaults["n"] if args.n is None else args.n
+            epochs = host.pretrain_defaults["epochs"] if args.epochs is None else args.epochs
+            if n < 2 or epochs < 1 or args.n_test < 1:
+                parser.error("pretrain needs --n ≥ 2 (some are held out for validation), --epochs ≥ 1, --n-test ≥ 1")
             args.out.mkdir(parents=True, exist_ok=True)
-            write_emt_dataset(args.out / "sym.xyz", args.n, seed=args.seed)
-            path = host.pretrain(args.out, (args.out / "sym.xyz").resolve(), args.epochs, args.seed)
+            write_emt_dataset(args.out / "sym.xyz", n, seed=args.seed)
+            write_emt_dataset(args.out / "sym_test.xyz", args.n_test, seed=args.seed + 1000)
+            path = host.pretrain(args.out, (args.out / "sym.xyz").resolve(), epochs, args.seed,
+                                 (args.out / "sym_test.xyz").resolve())
             print(f"pretrained {args.host} potential saved to {path}")
     except (HostConfigError, ValueError, NotImplementedError) as error:
         message = str(error)

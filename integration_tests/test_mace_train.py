@@ -328,10 +328,18 @@ def test_equirelax_data_and_pretrain_commands(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "--n must be a positive" in bad.stderr
     pre = subprocess.run([str(equirelax_cli), "pretrain", "--host", "mace", "--out", "pre", "--n", "20",
-                          "--epochs", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                          "--epochs", "2", "--n-test", "3"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert pre.returncode == 0, pre.stderr[-3000:]
     model = torch.load(tmp_path / "pre" / "pretrained.model", weights_only=False)
     assert type(model).__name__ in ("MACE", "ScaleShiftMACE")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # as MACE's foundation models are
+    train, test = read(tmp_path / "pre" / "sym.xyz", ":"), read(tmp_path / "pre" / "sym_test.xyz", ":")
+    assert len(train) == 20 and len(test) == 3
+    assert not any(np.array_equal(a.positions, b.positions) for a in test for b in train if len(a) == len(b))
+    # MACE's own error table, test rows included, is printed and kept beside the model
+    table = (tmp_path / "pre" / "errors.md").read_text()
+    assert "MAE E / meV / atom" in table and "relative F MAE %" in table and len(table.splitlines()) >= 7
+    assert table in pre.stdout
 
 
 def test_multihead_fine_tuning_with_an_empty_relax_section(tmp_path, data_dir):

@@ -235,10 +235,11 @@ class NequipHost(Host):
         return energies, forces, {"energy": error["energy"]["max"], "forces": error["forces"]["max"]}
 
     @classmethod
-    def pretrain(cls, out: Path, train_file: Path, epochs: int, seed: int) -> Path:
+    def pretrain(cls, out: Path, train_file: Path, epochs: int, seed: int, test_file: Path | None = None) -> Path:
         from .config import training_config, write_config
 
-        config = training_config(str(Path(train_file).resolve()), epochs=epochs, seed=seed, logger_dir=None)
+        config = training_config(str(Path(train_file).resolve()), None if test_file is None else str(test_file),
+                                 epochs=epochs, seed=seed, logger_dir=None)
         write_config(out, "pretrain", config)
         train = os.path.join(os.path.dirname(sys.executable), "nequip-train")
         result = subprocess.run([train, "-cp", str(out.resolve()), "-cn", "pretrain",

@@ -70,17 +70,20 @@ class LowRankBranch(nn.Module):
 
     Still a linear branch (projection and merge use the dense ``weight``), at a
     cost of rank·(dim_in + dim_out) per row instead of dim_in·dim_out. With
-    ``init="zero"`` B starts at zero (A random), as in LoRA.
+    ``init="zero"`` B starts at zero (A random), as in LoRA. A is drawn from ``generator``
+    when given, so that relaxing a model leaves the host's random stream (data order,
+    dropout) as it was.
     """
 
     kind = "lowrank"
 
-    def __init__(self, dim_in: int, dim_out: int, init: str = "zero", init_std: float = 1e-2, rank: int = 8):
+    def __init__(self, dim_in: int, dim_out: int, init: str = "zero", init_std: float = 1e-2, rank: int = 8,
+                 generator: torch.Generator | None = None):
         super().__init__()
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"equirelax: lowrank branch 'rank' must be a positive integer, got {rank!r}")
         self.dim_in, self.dim_out, self.rank = dim_in, dim_out, rank
-        self.A = nn.Parameter(torch.randn(rank, dim_in) / math.sqrt(dim_in))
+        self.A = nn.Parameter(torch.randn(rank, dim_in, generator=generator) / math.sqrt(dim_in))
         self.B = nn.Parameter(torch.empty(dim_out, rank))
         if _check_init(init) == "zero":
             nn.init.zeros_(self.B)
@@ -103,9 +106,11 @@ LINEAR_KINDS = (LinearBranch, LowRankBranch)  # branches that are linear maps: c
 
 
 def make_branch(kind: str, dim_in: int, dim_out: int, init: str = "zero", init_std: float = 1e-2,
-                **options) -> nn.Module:
+                generator: torch.Generator | None = None, **options) -> nn.Module:
     if kind not in BRANCHES:
         raise ValueError(f"equirelax: unknown branch kind {kind!r}; choose one of {sorted(BRANCHES)}")
     if options and kind != "lowrank":
         raise ValueError(f"equirelax: branch {kind!r} takes no options, got {sorted(options)}")
+    if kind == "lowrank":
+        options["generator"] = generator
     return BRANCHES[kind](dim_in, dim_out, init=init, init_std=init_std, **options)

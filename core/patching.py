@@ -70,7 +70,7 @@ def relax(
     model: nn.Module,
     controller="ace",
     targets=None,
-    branch: str = "linear",
+    branch: str = "lowrank",
     *,
     adapter="auto",
     init: str = "zero",
@@ -88,8 +88,9 @@ def relax(
         entry-point name, or a Controller; ``controller_options`` go to it.
     targets: name pattern(s) (fnmatch, on ``model.named_modules()`` names) and/or
         module types; None relaxes the adapter's default layers.
-    branch: ``"linear"`` (dense), ``"lowrank"`` (W = B·A of rank ``rank``, default 8:
-        cheaper on wide layers) or ``"mlp"``. ``positions=True`` also feeds raw
+    branch: ``"lowrank"`` (the default: W = B·A of rank ``rank``, default 8; a few percent
+        of a foundation model's parameters), ``"linear"`` (dense: on wide layers several
+        times the model's parameters) or ``"mlp"``. ``positions=True`` also feeds raw
         Cartesian positions (see ``RelaxHandle.set_positions``).
     init: ``"zero"`` leaves the model's output unchanged at step 0 (for pretrained
         models); ``"random"`` draws small branch weights (std ``init_std``), as in the papers.
@@ -108,7 +109,7 @@ def relax(
     chosen = _resolve_targets(model, chosen_adapter, targets)
     reference = next(model.parameters(), None)
     layers = {}
-    for name, module in chosen.items():
+    for index, (name, module) in enumerate(chosen.items()):
         spec = chosen_adapter.spec(module)
         layer = RelaxedLayer(
             module,
@@ -124,8 +125,10 @@ def relax(
             mergeable=spec.mergeable,
         )
         branch_options = {} if rank is None else {"rank": rank}
+        # a private stream, seeded from the host's seed: the host's own random draws stay as without relaxation
+        generator = torch.Generator().manual_seed((torch.initial_seed() + index) % 2**63)
         layer.branch = make_branch(branch, layer.branch_irreps_in.dim, layer.irreps_out.dim, init, init_std,
-                                   **branch_options)
+                                   generator, **branch_options)
         if reference is not None:
             layer.to(device=reference.device, dtype=reference.dtype if reference.is_floating_point() else None)
         _set_submodule(model, name, layer)

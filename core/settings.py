@@ -12,7 +12,7 @@ from .irreps import GROUPS
 EXPORT_MODES = ("merge", "drop", "none")
 INIT_MODES = ("zero", "random")
 NONFINITE_POLICIES = ("warn", "raise")
-DEFAULTS = {"controller": "ace", "branch": "linear", "init": "zero", "export": "merge", "options": {}}
+DEFAULTS = {"controller": "ace", "branch": "lowrank", "init": "zero", "export": "merge", "options": {}}
 KEYS = ("controller", "targets", "branch", "rank", "init", "init_std", "group", "on_nonfinite", "options", "export",
         "seed")
 

@@ -79,7 +79,7 @@ def RelaxedModel(
     model,
     controller: str = "ace",
     targets=None,
-    branch: str = "linear",
+    branch: str = "lowrank",
     rank: int | None = None,
     init: str = "zero",
     init_std: float = 1e-2,

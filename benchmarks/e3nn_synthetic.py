@@ -51,7 +51,7 @@ def run_accuracy(kind, label, controller, options, steps, seed, n_train=2048, lr
     model = gated_e3nn_model()
     x, y = make_task(kind, n_train, seed=seed)
     xt, yt = make_task(kind, 1024, seed=10_000 + seed)
-    handle = equirelax.relax(model, controller, total_steps=steps, **options) if controller else None
+    handle = equirelax.relax(model, controller, branch="linear", total_steps=steps, **options) if controller else None
     opt = torch.optim.Adam(model.parameters(), lr)
     if handle:
         handle.wrap(opt)
@@ -195,7 +195,7 @@ def ace_budgets(args):
             for lr in (5e-3, 1e-3):
                 torch.manual_seed(0)
                 model = gated_e3nn_model()
-                handle = equirelax.relax(model, "ace", total_steps=steps, dual=dual)
+                handle = equirelax.relax(model, "ace", branch="linear", total_steps=steps, dual=dual)
                 opt = handle.wrap(torch.optim.Adam(model.parameters(), lr))
                 x, y = make_task("symmetric", 2048, seed=0)
                 xt, yt = make_task("symmetric", 1024, seed=10_000)
@@ -233,7 +233,7 @@ def recm_levels(args):
     for label, kind, n, batch, strength, gamma0 in RECM_CASES:
         torch.manual_seed(0)
         model = gated_e3nn_model()
-        handle = equirelax.relax(model, "recm", total_steps=steps, gamma0=gamma0)
+        handle = equirelax.relax(model, "recm", branch="linear", total_steps=steps, gamma0=gamma0)
         opt = handle.wrap(torch.optim.Adam(model.parameters(), 5e-3))
         x, y = make_task(kind, n, seed=0, field_strength=strength)
         xt, yt = make_task(kind, 1024, seed=100, field_strength=strength)

@@ -250,6 +250,20 @@ class RelaxedLayer(nn.Module):
     def clear_step_cache(self):
         self.cached_inputs.clear()
 
+    # parameter names of each branch kind, to name a saved branch that does not fit this one
+    BRANCH_KEYS = {"linear": {"weight"}, "lowrank": {"A", "B"}, "mlp": {"fc1.weight", "fc1.bias", "fc2.weight",
+                                                                    "fc2.bias"}}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = {key[len(prefix + "branch."):] for key in state_dict if key.startswith(prefix + "branch.")}
+        kind = getattr(self.branch, "kind", None)
+        if saved and kind in self.BRANCH_KEYS and not saved <= self.BRANCH_KEYS[kind]:
+            found = next((k for k, keys in self.BRANCH_KEYS.items() if saved == keys), "unknown")
+            raise ValueError(f"equirelax: {prefix.rstrip('.') or 'the layer'} was saved with a {found} branch but "
+                             f"this model builds a {kind} branch; set branch: {found} in the relax settings (the "
+                             "default branch is lowrank; earlier versions defaulted to linear)")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return (
             f"branch={getattr(self.branch, 'kind', type(self.branch).__name__)}, irreps_in={self.branch_irreps_in}, "

@@ -226,6 +226,24 @@ def test_seed_aggregation_and_paired_verdict_are_computed_from_the_per_seed_numb
     assert "relaxed: lower on 3 of 3" in table
 
 
+def test_relaxed_runs_are_paired_per_seed_with_the_host_baseline_too():
+    lora, relaxed = [110.0, 100.0, 105.0], [90.0, 104.0, 95.0]
+    per_seed = {seed: {**_results(_run("vanilla", 120.0), _run("lora", l), _run("recm", 125.0, r, GAMMA_KEPT)),
+                       "baselines": {"lora": "MACE's own LoRA"}}
+                for seed, (l, r) in enumerate(zip(lora, relaxed))}
+    aggregated = compare.aggregate(per_seed)
+    assert set(aggregated["baseline_verdicts"]) == {"lora"}
+    against = aggregated["baseline_verdicts"]["lora"]
+    assert "lora/equivariant" not in against and "vanilla/equivariant" not in against
+    assert against["recm/relaxed"]["lower"] == 2 and against["recm/relaxed"]["mean_difference"] == pytest.approx(
+        sum(r - l for r, l in zip(relaxed, lora)) / 3)
+    assert against["recm/equivariant"]["lower"] == 0
+    assert aggregated["verdicts"]["lora/equivariant"]["lower"] == 3  # the baseline itself, against vanilla
+    lines = compare.seeds_reading(aggregated)
+    assert any(line.startswith("`recm` (relaxed model): lower than lora on 2 of 3 seeds") for line in lines)
+    assert any(line.startswith("`recm` (equivariant model): above lora on every one of 3 seeds") for line in lines)
+
+
 def test_two_seeds_are_too_few_for_a_claim_and_failed_seeds_are_named():
     per_seed = _seeded([100.0, 100.0], [90.0, 90.0], [80.0, 80.0])
     per_seed[1]["runs"][1] = _run("recm", 0.0, status="failed", error="exit code 1")

@@ -228,3 +228,45 @@ def test_dense_branches_larger_than_the_model_warn_and_name_lowrank():
     (message,) = size_warnings(wider)
     assert "branches add 1.6M parameters to a model of 0.3M" in message and "branch='lowrank'" in message
     assert size_warnings(torch.nn.Sequential(o3.Linear("512x0e + 256x1o", "512x0e + 256x1o")), branch="lowrank") == []
+
+
+def test_lowrank_is_the_default_and_leaves_the_host_random_stream_alone():
+    """The default branch draws its A from a private stream seeded from the host's seed: a relaxed run's data order
+    and dropout are the vanilla run's, and the same seed builds the same branches."""
+    from equirelax.datasets.synthetic import gated_e3nn_model
+
+    def relaxed(seed):
+        torch.manual_seed(seed)
+        model = gated_e3nn_model()
+        handle = equirelax.relax(model, "ace")
+        return model, handle, torch.rand(4)
+
+    torch.manual_seed(7)
+    gated_e3nn_model()
+    vanilla_draw = torch.rand(4)
+    model, handle, draw = relaxed(7)
+    assert torch.equal(draw, vanilla_draw)
+    kinds = {layer.branch.kind for layer in handle.layers.values()}
+    assert kinds == {"lowrank"} and all(layer.branch.rank == 8 for layer in handle.layers.values())
+    again, other = relaxed(7)[0], relaxed(8)[0]
+    a = [p for n, p in model.named_parameters() if n.endswith("branch.A")]
+    assert all(torch.equal(x, y) for x, y in zip(a, [p for n, p in again.named_parameters() if n.endswith("branch.A")]))
+    assert not torch.equal(a[0], next(p for n, p in other.named_parameters() if n.endswith("branch.A")))
+    layers = [layer.branch.A for layer in handle.layers.values()]
+    assert not torch.equal(layers[0][:, :4], layers[1][:, :4])  # each layer its own draw
+
+
+def test_a_checkpoint_with_another_branch_kind_names_the_setting():
+    from equirelax.datasets.synthetic import gated_e3nn_model
+
+    dense = gated_e3nn_model()
+    equirelax.relax(dense, "ace", branch="linear")
+    default = gated_e3nn_model()
+    equirelax.relax(default, "ace")
+    with pytest.raises(ValueError, match="saved with a linear branch but this model builds a lowrank branch; set "
+                                         "branch: linear"):
+        default.load_state_dict(dense.state_dict())
+    again = gated_e3nn_model()
+    equirelax.relax(again, "ace", branch="linear")
+    again.load_state_dict(dense.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), dense.state_dict().values()))

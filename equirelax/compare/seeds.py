@@ -55,24 +55,34 @@ def aggregate(per_seed: dict) -> dict:
         for key, model, _, _ in METRICS:
             row[f"{model}/{key}"] = _summary([_value(r, model, key) for r in runs])
         rows[name] = row
+    verdicts = _paired(rows, names, "vanilla") if "vanilla" in rows else {}
+    # the host's own alternatives (e.g. MACE's LoRA) are references too: each relaxed run paired with them per seed
+    baselines = [b for b in dict.fromkeys(b for s in seeds for b in per_seed[s].get("baselines") or {}) if b in rows]
+    relaxed = [n for n in names if n != "vanilla" and n not in baselines]
+    baseline_verdicts = {b: _paired(rows, relaxed, b) for b in baselines}
+    return {"seeds": seeds, "runs": rows, "verdicts": verdicts, "baseline_verdicts": baseline_verdicts}
+
+
+def _paired(rows: dict, names, reference: str) -> dict:
+    """``{"<run>/<model>": verdict}``: each run's force MAE paired per seed with ``reference``'s."""
+    base = rows[reference]["equivariant/force_mae_mev_per_a"]["values"]
     verdicts = {}
-    if "vanilla" in rows:
-        base = rows["vanilla"]["equivariant/force_mae_mev_per_a"]["values"]
-        for name in names:
-            if name == "vanilla":
+    for name in names:
+        if name == reference:
+            continue
+        for model in ("equivariant", "relaxed"):
+            values = rows[name][f"{model}/force_mae_mev_per_a"]["values"]
+            pairs = [(v, b) for v, b in zip(values, base) if v is not None and b is not None]
+            if not pairs:
                 continue
-            for model in ("equivariant", "relaxed"):
-                values = rows[name][f"{model}/force_mae_mev_per_a"]["values"]
-                pairs = [(v, b) for v, b in zip(values, base) if v is not None and b is not None]
-                if not pairs:
-                    continue
-                differences = [v - b for v, b in pairs]
-                verdicts[f"{name}/{model}"] = {
-                    "lower": sum(d < 0 for d in differences), "n": len(pairs),
-                    "mean_difference": statistics.fmean(differences),
-                    "std_difference": statistics.stdev(differences) if len(differences) > 1 else 0.0,
-                    "relative": statistics.fmean(d / b for d, (_, b) in zip(differences, pairs)),
-                }
+            differences = [v - b for v, b in pairs]
+            verdicts[f"{name}/{model}"] = {
+                "lower": sum(d < 0 for d in differences), "n": len(pairs),
+                "mean_difference": statistics.fmean(differences),
+                "std_difference": statistics.stdev(differences) if len(differences) > 1 else 0.0,
+                "relative": statistics.fmean(d / b for d, (_, b) in zip(differences, pairs)),
+            }
+    return verdicts
     return {"seeds": seeds, "runs": rows, "verdicts": verdicts}
 
 
@@ -100,26 +110,34 @@ def seeds_table(aggregated: dict) -> str:
 
 
 def seeds_reading(aggregated: dict) -> list[str]:
-    """What the spread supports, per relaxed run and model, against vanilla's force MAE on the same seeds."""
+    """What the spread supports, per relaxed run and model, against vanilla's force MAE on the same seeds (and
+    against each host baseline's, e.g. MACE's LoRA)."""
     n_seeds = len(aggregated["seeds"])
-    lines = []
     if "vanilla" not in aggregated["runs"]:
         return [f"{n_seeds} seeds; no vanilla run to compare against."]
-    for key, v in aggregated["verdicts"].items():
+    lines = _verdict_lines(aggregated["verdicts"], "vanilla")
+    for baseline, verdicts in (aggregated.get("baseline_verdicts") or {}).items():
+        lines += _verdict_lines(verdicts, baseline)
+    return lines
+
+
+def _verdict_lines(verdicts: dict, reference: str) -> list[str]:
+    lines = []
+    for key, v in verdicts.items():
         name, model = key.split("/")
         what = f"`{name}` ({model} model)"
         change = f"{100 * v['relative']:+.1f}% on average, paired difference {v['mean_difference']:+.1f} ± " \
                  f"{v['std_difference']:.1f} meV/Å"
         if v["n"] < MIN_SEEDS_FOR_A_CLAIM:
-            lines.append(f"{what}: lower than vanilla on {v['lower']} of {v['n']} seeds ({change}); too few seeds "
-                         f"to claim a difference (at least {MIN_SEEDS_FOR_A_CLAIM}).")
+            lines.append(f"{what}: lower than {reference} on {v['lower']} of {v['n']} seeds ({change}); too few "
+                         f"seeds to claim a difference (at least {MIN_SEEDS_FOR_A_CLAIM}).")
         elif v["lower"] == v["n"]:
-            lines.append(f"{what}: below vanilla on every one of {v['n']} seeds ({change}).")
+            lines.append(f"{what}: below {reference} on every one of {v['n']} seeds ({change}).")
         elif v["lower"] == 0:
-            lines.append(f"{what}: above vanilla on every one of {v['n']} seeds ({change}).")
+            lines.append(f"{what}: above {reference} on every one of {v['n']} seeds ({change}).")
         else:
-            lines.append(f"{what}: lower than vanilla on {v['lower']} of {v['n']} seeds ({change}): no consistent "
-                         "difference, within the spread.")
+            lines.append(f"{what}: lower than {reference} on {v['lower']} of {v['n']} seeds ({change}): no "
+                         "consistent difference, within the spread.")
     return lines
 
 
@@ -133,8 +151,9 @@ def write_seeds_report(per_seed: dict, out: Path, host: str) -> dict:
         "",
         f"Config `{first['config']}`, {first['epochs']} epochs, seeds {aggregated['seeds']}; test set "
         f"`{first['test_file']}` ({first['test_configurations']} configurations). Mean ± std over seeds (sample "
-        "std); \"vs vanilla\" pairs each run with vanilla trained on the same seed. Each seed's own report, curves "
-        "and γ plots: `seed<s>/report.md`.",
+        "std); \"vs vanilla\" pairs each run with vanilla trained on the same seed (the reading does the same "
+        "against the host's baselines, e.g. MACE's LoRA). Each seed's own report, curves and γ plots: "
+        "`seed<s>/report.md`.",
         "",
         seeds_table(aggregated),
         "",

@@ -208,27 +208,32 @@ class MaceHost(Host):
                                 cwd=out)
         if result.returncode:
             sys.exit(f"equirelax: MACE pretraining failed (exit {result.returncode}); see {out / 'logs'}")
-        table = _last_error_table(out / "logs" / f"pretrained_run-{seed}.log")
+        table = _final_error_tables(out / "logs" / f"pretrained_run-{seed}.log")
         if table:
             (out / "errors.md").write_text(table + "\n")
-            print(f"MACE's error table of the pretrained potential (also in {out / 'errors.md'}):\n{table}")
+            print(f"MACE's error tables of the pretrained potential (also in {out / 'errors.md'}):\n{table}")
         return out / "pretrained.model"
 
 
-def _last_error_table(log: Path) -> str:
-    """The last error table MACE logged (train, valid and test rows), without the log's timestamps."""
+def _final_error_tables(log: Path) -> str:
+    """The error tables MACE logged after training (train and valid, then test), titled, without timestamps."""
     if not log.exists():
         return ""
     lines = log.read_text().splitlines()
-    starts = [i for i, line in enumerate(lines) if "Error-table" in line]
-    if not starts:
-        return ""
-    table = []
-    for line in lines[starts[-1] + 1:]:
+    final = max((i for i, line in enumerate(lines) if "Computing metrics" in line), default=0)
+    tables = []
+    for i, line in enumerate(lines[final:], final):
+        if "Error-table" in line:
+            tables.append(line[line.index("Error-table"):])
+            tables.extend(_table_rows(lines[i + 1:]))
+    return "\n".join(tables)
+
+
+def _table_rows(lines):
+    for line in lines:
         if not line.startswith(("+", "|")):
-            break
-        table.append(line)
-    return "\n".join(table)
+            return
+        yield line
 
 
 def timed_training(run_dir: str, argv: list[str]) -> None:

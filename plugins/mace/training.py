@@ -7,7 +7,7 @@ line) turns relaxation on; without it the run is exactly ``mace_run_train``.
     relax:
       controller: recm            # fixed | cr | ace | ace-resilient | recm | entry-point name
       targets: ["interactions.*.linear", "products.*.linear"]   # optional (these are the default)
-      branch: linear              # linear | lowrank (with rank: 8) | mlp
+      branch: lowrank             # lowrank (default, rank: 8) | linear (dense) | mlp
       init: zero                  # zero: step-0 predictions unchanged (pretrained); random: papers' init
       export: merge               # merge | drop | none: the exported plain-MACE model written at the end
       options: {}                 # controller options, e.g. {form: resilient, rho: 2.0}

@@ -8,7 +8,7 @@ so it is taken out before sevenn reads the file). Without it the run is exactly
     relax:
       controller: ace           # fixed | cr | ace | ace-resilient | recm (default: ace)
       targets: ["*_self_interaction_1.linear", "*_self_interaction_2.linear"]   # the default
-      branch: linear
+      branch: lowrank           # the default (rank: 8); linear (dense) | mlp
       init: zero                # step-0 predictions are the checkpoint's (SevenNet-0 fine-tuning)
       export: merge             # merge | drop | none
       options: {}

@@ -238,12 +238,20 @@ class RelaxedLayer(nn.Module):
             return out + gamma * self.projected_branch(x)
         if type(self.branch) is LinearBranch:  # fused: scale the small matrix, not the activations
             return out + nn.functional.linear(x, gamma * self.branch.weight)
+        if recording and self.__dict__.get("tap_dense_grad") and isinstance(self.branch, LINEAR_KINDS):
+            # the low-rank map applied as its dense W = B·A, so that backward leaves ∂J/∂W on it (ACE-resilient
+            # reads it); the branch still holds and trains only A and B
+            weight = self.branch.weight
+            weight.retain_grad()
+            self.tapped_weight = weight
+            return out + nn.functional.linear(x, gamma * weight)
         return out + gamma * self.branch(x)
 
     def __getstate__(self):
         # per-step caches and device-side index copies are not part of a saved model
         state = self.__dict__.copy()
-        state.update(cached_inputs=[], _positions=None, _projector=None, _handle=None, sample=None, probe_sums=None)
+        state.update(cached_inputs=[], _positions=None, _projector=None, _handle=None, sample=None, probe_sums=None,
+                     tapped_weight=None)
         state.update(probing=False)  # a saved model is never mid-probe; RECM sets it on resume
         return state
 

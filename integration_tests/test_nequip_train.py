@@ -395,7 +395,7 @@ def test_relax_a_packaged_model_and_merge_back(plain_package, test_batch):
 
     source = {"_target_": "nequip.model.ModelFromPackage", "package_path": str(plain_package)}
     plain = ModelFromPackage(str(plain_package))["sole_model"]
-    relaxed = RelaxedModel(source, controller="fixed", options={"gamma": 0.5})["sole_model"]
+    relaxed = RelaxedModel(source, controller="fixed", branch="linear", options={"gamma": 0.5})["sole_model"]
     handle = RelaxHandle.attach(relaxed)
     assert len(handle.layers) == 4  # package-local e3nn Linear layers are recognised
     a, b = plain(dict(test_batch)), relaxed(dict(test_batch))

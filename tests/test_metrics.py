@@ -57,7 +57,7 @@ def test_breaking_measures_the_non_equivariant_output_not_gamma(model):
     from equirelax.datasets.synthetic import make_task
 
     x, y = make_task("field", 64)
-    handle = equirelax.relax(model, "fixed", init="random", init_std=0.3)
+    handle = equirelax.relax(model, "fixed", branch="linear", init="random", init_std=0.3)
     assert handle.breaking() == {}  # nothing measured before a training step
     _one_step(model, handle, x, y)
     first = handle.breaking()

@@ -50,7 +50,7 @@ def test_mace_and_nequip_refuse_with_the_same_message(section, message):
 
 def test_defaults_and_what_each_host_accepts():
     settings = validate_relax_settings(None)
-    assert settings == {"controller": "ace", "branch": "linear", "init": "zero", "export": "merge", "options": {}}
+    assert settings == {"controller": "ace", "branch": "lowrank", "init": "zero", "export": "merge", "options": {}}
     assert validate_relax_settings({"targets": ("a", "b"), "controller": "cr"})["targets"] == ["a", "b"]
     assert "export" not in validate_relax_settings({}, keys=NEQUIP_KEYS)
     with pytest.raises(RelaxSettingsError, match=r"unknown key\(s\) \['seed'\]"):

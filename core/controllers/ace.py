@@ -32,7 +32,9 @@ scale, lets γ follow the task early (a long horizon) and ends at γ ≈ 0.
 Resilient slack: u_i = min(1, κ_i/ρ), κ_i ∈ [0, 1] the consistency with which
 the task gradient asks to grow the branch's symmetry-breaking part (noise-
 debiased EMA mean over RMS, over the same horizon, of ⟨∂J/∂W, P⊥W⟩/γ for a
-dense branch, of ∂J/∂γ_i otherwise): the paper's equilibrium |γ| = |∂J/∂γ|/ρ
+linear branch, of ∂J/∂γ_i for an MLP one; a low-rank branch is applied as its
+dense W = B·A on training steps so that backward leaves ∂J/∂W, at a dense
+branch's compute but not its parameters): the paper's equilibrium |γ| = |∂J/∂γ|/ρ
 with ρ measured against the gradient's own scale, so one ρ works for any loss
 scale.
 
@@ -45,7 +47,8 @@ from __future__ import annotations
 
 import torch
 
-from ..branches import LinearBranch
+from ..branches import LinearBranch, LowRankBranch
+from ..distributed import all_reduce_
 from ..hookspecs import hookimpl
 from .base import Controller
 
@@ -84,6 +87,8 @@ class ACE(Controller):
                       for name, layer in layers.items()}
         for layer in layers.values():
             layer.add_state("lambda", torch.zeros((), dtype=layer.gamma.dtype))
+            # a low-rank branch has no ∂J/∂W of its own: the layer applies it densely so that backward leaves one
+            layer.tap_dense_grad = self.resilient and self.budgeted and isinstance(layer.branch, LowRankBranch)
             if self.resilient:
                 layer.add_state("slack", torch.zeros((), dtype=layer.gamma.dtype))
                 # EMA of the task gradient on γ and of its square, and the EMA's bias-correction weight
@@ -102,22 +107,35 @@ class ACE(Controller):
             return 0.0, 0.0, rate
         return r * r, (1.0 - r) ** 2 / (r * r), rate
 
-    def _update_consistency(self, layer, finite, rate):
-        """Record ∂J/∂γ (before any dual term) into the consistency EMAs."""
-        weight = getattr(layer.branch, "weight", None)
-        if isinstance(layer.branch, LinearBranch) and weight.grad is not None:
-            # ∂J/∂γ along the branch's non-equivariant part only: ⟨∂J/∂W, P⊥W⟩/γ (∂J/∂W = γ·Σδxᵀ)
+    @staticmethod
+    def _task_gradient(layer):
+        """∂J/∂γ (before any dual term), along the branch's non-equivariant part where the branch is a linear map:
+        ⟨∂J/∂W, P⊥W⟩/γ (∂J/∂W = γ·Σδxᵀ); None when the step left no gradient."""
+        if isinstance(layer.branch, LinearBranch):
+            weight = layer.branch.weight
+        else:
+            weight, layer.tapped_weight = layer.__dict__.get("tapped_weight"), None
+        if weight is not None and weight.grad is not None:
             gamma = layer.gamma.detach()
             safe = torch.where(gamma.abs() > 1e-6, gamma, torch.full_like(gamma, 1e-6))
-            grad = (weight.grad.detach() * layer.projector.orthogonal_complement(weight.detach())).sum() / safe
-        elif layer.gamma.grad is not None:
-            grad = layer.gamma.grad.detach()
-        else:
-            return
-        g = -grad * torch.sign(layer.gamma.detach())  # > 0: the task wants |γ| larger
-        for key, value in (("grad_mean", g), ("grad_sq", g * g), ("grad_weight", torch.ones_like(g))):
-            state = layer.state(key)
-            state.copy_(self.keep_if(finite, (1 - rate) * state + rate * value, state))
+            return (weight.grad.detach() * layer.projector.orthogonal_complement(weight.detach())).sum() / safe
+        return None if layer.gamma.grad is None else layer.gamma.grad.detach()
+
+    def _update_consistency(self, layers, finite, rate):
+        """Record each layer's task gradient on γ into its consistency EMAs."""
+        grads = {name: self._task_gradient(layer) for name, layer in layers.items()}
+        grads = {name: g for name, g in grads.items() if g is not None}
+        tapped = [name for name in grads if not isinstance(layers[name].branch, LinearBranch)]
+        if tapped:  # a tapped ∂J/∂W is this rank's own (a parameter's gradient is averaged already)
+            values = [torch.stack([grads[name].reshape(()) for name in tapped])]
+            all_reduce_(values)
+            grads.update(zip(tapped, values[0].unbind()))
+        for name, grad in grads.items():
+            layer = layers[name]
+            g = -grad.reshape(()) * torch.sign(layer.gamma.detach())  # > 0: the task wants |γ| larger
+            for key, value in (("grad_mean", g), ("grad_sq", g * g), ("grad_weight", torch.ones_like(g))):
+                state = layer.state(key)
+                state.copy_(self.keep_if(finite, (1 - rate) * state + rate * value, state))
 
     def consistency(self, layer, rate) -> torch.Tensor:
         """κ ∈ [0, 1]: the EMA mean of the outward task gradient over its RMS, less the noise an EMA keeps."""
@@ -159,8 +177,7 @@ class ACE(Controller):
             if self.resilient:
                 rate = self._gains(handle)[2]
                 with torch.no_grad():
-                    for layer in self.layers.values():
-                        self._update_consistency(layer, finite, rate)
+                    self._update_consistency(self.layers, finite, rate)
             return
         c = self.options["augmented"]
         for layer in self.layers.values():

@@ -56,7 +56,7 @@ def aggregate(per_seed: dict) -> dict:
             row[f"{model}/{key}"] = _summary([_value(r, model, key) for r in runs])
         rows[name] = row
     verdicts = _paired(rows, names, "vanilla") if "vanilla" in rows else {}
-    # the host's own alternatives (e.g. MACE's LoRA) are references too: each relaxed run paired with them per seed
+    # the host's own alternatives (its baselines) are references too: each relaxed run paired with them per seed
     baselines = [b for b in dict.fromkeys(b for s in seeds for b in per_seed[s].get("baselines") or {}) if b in rows]
     relaxed = [n for n in names if n != "vanilla" and n not in baselines]
     baseline_verdicts = {b: _paired(rows, relaxed, b) for b in baselines}
@@ -111,7 +111,7 @@ def seeds_table(aggregated: dict) -> str:
 
 def seeds_reading(aggregated: dict) -> list[str]:
     """What the spread supports, per relaxed run and model, against vanilla's force MAE on the same seeds (and
-    against each host baseline's, e.g. MACE's LoRA)."""
+    against each of the host's baselines)."""
     n_seeds = len(aggregated["seeds"])
     if "vanilla" not in aggregated["runs"]:
         return [f"{n_seeds} seeds; no vanilla run to compare against."]
@@ -152,7 +152,7 @@ def write_seeds_report(per_seed: dict, out: Path, host: str) -> dict:
         f"Config `{first['config']}`, {first['epochs']} epochs, seeds {aggregated['seeds']}; test set "
         f"`{first['test_file']}` ({first['test_configurations']} configurations). Mean ± std over seeds (sample "
         "std); \"vs vanilla\" pairs each run with vanilla trained on the same seed (the reading does the same "
-        "against the host's baselines, e.g. MACE's LoRA). Each seed's own report, curves and γ plots: "
+        "against the host's baselines). Each seed's own report, curves and γ plots: "
         "`seed<s>/report.md`.",
         "",
         seeds_table(aggregated),

@@ -146,8 +146,7 @@ def test_restart_from_a_checkpoint_of_another_relax_configuration_says_what_diff
     relaxed_restart = run(CLI, plain, data_dir, {**BASE, "relax": {"controller": "recm"}}, "--restart_latest")
     assert relaxed_restart.returncode != 0
     assert "was written without relaxation (plain MACE)" in relaxed_restart.stderr, relaxed_restart.stderr[-2000:]
-    resumed = run(CLI, tmp_path, data_dir, {**BASE, "relax": {"controller": "recm"}}, "--restart_latest")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]  # the same configuration still restarts
+    # (the same configuration restarting: test_run_killed_mid_epoch_resumes_the_controller_trajectory)
 
 
 @pytest.mark.parametrize(

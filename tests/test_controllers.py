@@ -147,7 +147,7 @@ def _train_ace(controller, kind, steps, lr, batch=64, loss_scale=1.0, n=2048, re
 
 
 @pytest.mark.parametrize("lr", [5e-3, 1e-3])
-@pytest.mark.parametrize("steps", [75, 1000, 10000])
+@pytest.mark.parametrize("steps", [75, 1000, pytest.param(10000, marks=pytest.mark.one_env)])
 def test_ace_equality_ends_equivariant_with_its_defaults(steps, lr):
     recorder = Recorder()
     model, handle = _train_ace("ace", "symmetric", steps, lr, recorder=recorder)
@@ -284,6 +284,7 @@ def _recm_run(kind="field", controller="recm", batch=64, n=2048, strength=1.0, g
         torch.set_default_dtype(previous)
 
 
+@pytest.mark.one_env
 def test_recm_level_follows_the_field_not_the_batch_size_or_the_start():
     levels, gaps, _ = _recm_run()
     # the field enters at the first linear (input scalars → the vector output's direction): fully relaxed there
@@ -303,6 +304,7 @@ def test_recm_recovers_equivariance_on_symmetric_data(n, batch):
     assert all(g <= 0.05 for g in levels.values()), (levels, gaps)
 
 
+@pytest.mark.one_env
 def test_recm_relaxed_model_is_as_accurate_as_the_fixed_branch():
     # probing steps train the host model too (with the probe maps standing in for the branch's broken part)
     recm = statistics.mean(_recm_run(seed=seed)[2] for seed in range(3))

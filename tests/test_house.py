@@ -130,6 +130,7 @@ def _toy_compare(directory, train: int, test: int, epochs: int, *arguments) -> i
     return status.value.code
 
 
+@pytest.mark.one_env
 def test_a_registered_host_runs_through_compare_end_to_end(toy_host, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = _toy_compare(tmp_path, 20, 5, 2, "--controllers", "vanilla", "ace", "recm")
@@ -162,6 +163,7 @@ def test_a_registered_host_runs_through_compare_end_to_end(toy_host, tmp_path, m
     assert report.startswith("# equirelax compare: toy") and "| recm | ok |" in report
 
 
+@pytest.mark.one_env
 def test_compare_with_seeds_runs_each_seed_and_reports_mean_and_spread(toy_host, tmp_path, monkeypatch):
     import statistics
 

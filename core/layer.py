@@ -238,10 +238,10 @@ class RelaxedLayer(nn.Module):
             return out + gamma * self.projected_branch(x)
         if type(self.branch) is LinearBranch:  # fused: scale the small matrix, not the activations
             return out + nn.functional.linear(x, gamma * self.branch.weight)
-        if recording and self.__dict__.get("tap_dense_grad") and isinstance(self.branch, LINEAR_KINDS):
+        weight = self.branch.weight if recording and self.__dict__.get("tap_dense_grad") else None
+        if weight is not None and weight.requires_grad:  # (a host's evaluation may freeze the parameters)
             # the low-rank map applied as its dense W = B·A, so that backward leaves ∂J/∂W on it (ACE-resilient
             # reads it); the branch still holds and trains only A and B
-            weight = self.branch.weight
             weight.retain_grad()
             self.tapped_weight = weight
             return out + nn.functional.linear(x, gamma * weight)

@@ -51,8 +51,8 @@ def results(workdir):
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def exported_error(workdir):
-    model = torch.load(workdir / "tiny.model", weights_only=False)
+def exported_error(workdir, stem="tiny"):
+    model = torch.load(workdir / f"{stem}.model", weights_only=False)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # MACE builds batches in the default dtype; the model is float64
     try:
@@ -224,6 +224,26 @@ def test_exported_model_runs_ase_md_without_equirelax(tmp_path, data_dir, not_in
                              text=True, timeout=600)
     assert relaxed.returncode != 0
     assert "No module named 'equirelax'" in relaxed.stderr, relaxed.stderr[-2000:]
+
+
+def test_stage_two_runs_inside_the_controllers_budget_and_both_models_are_exported(tmp_path, data_dir):
+    """MACE's stage two (``swa``: other loss weights and learning rate from ``start_swa``) with ``relax:``: ACE's
+    budget spans both stages, so the stage-two model ends at γ = 0; both saved models are exported plain and
+    equivariant, each beside its relaxed model."""
+    from equirelax.core.handle import RelaxHandle
+
+    config = {**BASE, "max_num_epochs": 4, "swa": True, "start_swa": 3, "relax": {"controller": "ace"}}
+    result = run(CLI, tmp_path, data_dir, config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Stage Two is activated" in result.stderr + result.stdout
+    levels = {}
+    for stem in ("tiny", "tiny_stagetwo"):
+        relaxed = torch.load(tmp_path / f"{stem}_relaxed.model", weights_only=False)
+        levels[stem] = RelaxHandle.attach(relaxed).levels()
+        assert exported_error(tmp_path, stem)["forces"]["max"] < 1e-10
+        assert (tmp_path / f"{stem}_compiled.model").exists()
+    assert all(abs(g) < 1e-12 for g in levels["tiny_stagetwo"].values()), levels
+    assert any(abs(g) > 1e-3 for g in levels["tiny"].values()), levels  # stage one's model: before the close
 
 
 LOAD_RELAXED = """

@@ -246,6 +246,11 @@ def test_ace_resilient_reads_a_low_rank_branch_as_its_dense_map():
         assert float(reference) != 0.0
         assert float(tapped) == pytest.approx(float(reference), rel=1e-6)
         assert layer.tapped_weight is None  # read once, then released
+    for p in model.parameters():  # a host evaluating with frozen parameters (MACE does): no tap, same output
+        p.requires_grad_(False)
+    before = model(x)
+    assert all(layer.tapped_weight is None for layer in low.layers.values())
+    assert torch.allclose(before, dense(x), atol=1e-6)
 
 
 # --------------------------------------------------------------------------- RECM

@@ -83,7 +83,6 @@ def _paired(rows: dict, names, reference: str) -> dict:
                 "relative": statistics.fmean(d / b for d, (_, b) in zip(differences, pairs)),
             }
     return verdicts
-    return {"seeds": seeds, "runs": rows, "verdicts": verdicts}
 
 
 def _cell(summary: dict, spec: str) -> str:

@@ -102,6 +102,19 @@ class LowRankBranch(nn.Module):
 
 
 BRANCHES = {"linear": LinearBranch, "lowrank": LowRankBranch, "mlp": MLPBranch}
+# each kind's parameter names in a state dict (under the layer's ``branch.``)
+PARAMETER_NAMES = {"linear": {"weight"}, "lowrank": {"A", "B"}, "mlp": {"fc1.weight", "fc1.bias", "fc2.weight",
+                                                                      "fc2.bias"}}
+
+
+def saved_branch_kind(names) -> str | None:
+    """The branch kind a saved branch's parameter names (``{"A", "B"}``, ...) show; None: none of them."""
+    names = set(names)
+    if "A" in names:
+        return "lowrank"
+    if "fc1.weight" in names:
+        return "mlp"
+    return "linear" if "weight" in names else None
 LINEAR_KINDS = (LinearBranch, LowRankBranch)  # branches that are linear maps: closed-form projection and merge
 
 

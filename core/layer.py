@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .branches import LINEAR_KINDS, LinearBranch
+from .branches import LINEAR_KINDS, PARAMETER_NAMES, LinearBranch, saved_branch_kind
 from .irreps import CARTESIAN_TO_E3NN, as_irreps
 from .projection import HaarProjector
 
@@ -258,15 +258,11 @@ class RelaxedLayer(nn.Module):
     def clear_step_cache(self):
         self.cached_inputs.clear()
 
-    # parameter names of each branch kind, to name a saved branch that does not fit this one
-    BRANCH_KEYS = {"linear": {"weight"}, "lowrank": {"A", "B"}, "mlp": {"fc1.weight", "fc1.bias", "fc2.weight",
-                                                                    "fc2.bias"}}
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = {key[len(prefix + "branch."):] for key in state_dict if key.startswith(prefix + "branch.")}
         kind = getattr(self.branch, "kind", None)
-        if saved and kind in self.BRANCH_KEYS and not saved <= self.BRANCH_KEYS[kind]:
-            found = next((k for k, keys in self.BRANCH_KEYS.items() if saved == keys), "unknown")
+        if saved and kind in PARAMETER_NAMES and not saved <= PARAMETER_NAMES[kind]:
+            found = saved_branch_kind(saved) or "unknown"
             raise ValueError(f"equirelax: {prefix.rstrip('.') or 'the layer'} was saved with a {found} branch but "
                              f"this model builds a {kind} branch; set branch: {found} in the relax settings (the "
                              "default branch is lowrank; earlier versions defaulted to linear)")

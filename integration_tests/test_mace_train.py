@@ -346,6 +346,11 @@ def test_equirelax_data_and_pretrain_commands(tmp_path):
     bad = subprocess.run([str(equirelax_cli), "data", "emt", "x.xyz", "--n", "0"], cwd=tmp_path,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "--n must be a positive" in bad.stderr
+    for flag, value in (("--n", "1"), ("--epochs", "0"), ("--n-test", "0")):
+        refused = subprocess.run([str(equirelax_cli), "pretrain", "--host", "mace", "--out", "refused", flag, value],
+                                 cwd=tmp_path, capture_output=True, text=True)
+        assert refused.returncode == 2 and "pretrain needs --n ≥ 2" in refused.stderr, refused.stderr
+        assert not (tmp_path / "refused").exists()  # stopped before writing anything
     pre = subprocess.run([str(equirelax_cli), "pretrain", "--host", "mace", "--out", "pre", "--n", "20",
                           "--epochs", "2", "--n-test", "3"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert pre.returncode == 0, pre.stderr[-3000:]

@@ -208,7 +208,7 @@ class MaceHost(Host):
                                 cwd=out)
         if result.returncode:
             sys.exit(f"equirelax: MACE pretraining failed (exit {result.returncode}); see {out / 'logs'}")
-        table = _final_error_tables(out / "logs" / f"pretrained_run-{seed}.log")
+        table = _final_error_tables(out / "logs" / f"{PRETRAIN_CONFIG['name']}_run-{seed}.log")
         if table:
             (out / "errors.md").write_text(table + "\n")
             print(f"MACE's error tables of the pretrained potential (also in {out / 'errors.md'}):\n{table}")

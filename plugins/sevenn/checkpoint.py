@@ -62,6 +62,7 @@ def frozen_model(relaxed_checkpoint):
     from sevenn.model_build import build_E3_equivariant_model
     from sevenn.util import load_checkpoint
 
+    from ...core.branches import saved_branch_kind
     from ...core.patching import relax
 
     checkpoint = load_checkpoint(str(relaxed_checkpoint))
@@ -70,13 +71,9 @@ def frozen_model(relaxed_checkpoint):
     if not layers:
         raise ValueError(f"equirelax: {relaxed_checkpoint} holds no relaxed layer (no γ): it is a plain SevenNet "
                          "checkpoint, which sevenn_get_model deploys as it is")
-    first = layers[0]
-    if f"{first}.branch.A" in state:
-        branch, options = "lowrank", {"rank": state[f"{first}.branch.A"].shape[0]}
-    elif f"{first}.branch.fc1.weight" in state:
-        branch, options = "mlp", {}
-    else:
-        branch, options = "linear", {}
+    prefix = f"{layers[0]}.branch."
+    branch = saved_branch_kind(key[len(prefix):] for key in state if key.startswith(prefix)) or "linear"
+    options = {"rank": state[f"{prefix}A"].shape[0]} if branch == "lowrank" else {}
     model = build_E3_equivariant_model(checkpoint.config)
     relax(model, "fixed", targets=layers, branch=branch, adapter="sevenn", **options)
     export(model, mode="freeze")

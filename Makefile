@@ -51,7 +51,8 @@ demo: $(MACE_ENV)/.installed
 	cd $(DEMO_DIR) && $(DEMO_BIN)/equirelax data emt-field field_test.xyz --n 40 --seed 12
 	cd $(DEMO_DIR) && pids=""; for kind in symmetric field; do \
 		OMP_NUM_THREADS=1 $(DEMO_BIN)/equirelax compare --host mace --config $(CURDIR)/examples/mace/finetune_$$kind.yaml \
-			--controllers $(DEMO_RUNS) --seeds 0 1 2 --quiet --out $$kind > $$kind.log 2>&1 & pids="$$pids $$!"; done; \
+			--controllers $(DEMO_RUNS) $$([ $$kind = field ] && echo field-input) --seeds 0 1 2 --quiet \
+			--out $$kind > $$kind.log 2>&1 & pids="$$pids $$!"; done; \
 		status=0; for pid in $$pids; do wait $$pid || status=1; done; \
 		for kind in symmetric field; do echo; echo "== $$kind (log: $(DEMO_DIR)/$$kind.log)"; \
 			sed -n '/^| run/,$$p' $$kind.log; done; exit $$status

@@ -39,7 +39,8 @@ class MaceAdapter(E3nnAdapter):
 
 
 def mace_batch(frames, table, cutoff: float) -> dict:
-    """A MACE batch dict from ASE ``Atoms`` (``REF_energy`` / ``REF_forces`` become energy/forces when present)."""
+    """A MACE batch dict from ASE ``Atoms`` (``REF_energy`` / ``REF_forces`` become energy/forces, and info
+    ``external_field`` the structure's field, when present)."""
     import numpy as np
     from mace import data
     from mace.tools import torch_geometric
@@ -51,6 +52,8 @@ def mace_batch(frames, table, cutoff: float) -> dict:
             properties["energy"] = atoms.info["REF_energy"]
         if "REF_forces" in atoms.arrays:
             properties["forces"] = atoms.arrays["REF_forces"]
+        if "external_field" in atoms.info:  # read by models given the field (PolarMACE, field_input)
+            properties["external_field"] = np.asarray(atoms.info["external_field"], dtype=float)
         config = data.Configuration(
             atomic_numbers=atoms.numbers, positions=atoms.positions, cell=np.array(atoms.cell), pbc=tuple(atoms.pbc),
             properties=properties, property_weights={key: 1.0 for key in properties},
@@ -61,7 +64,7 @@ def mace_batch(frames, table, cutoff: float) -> dict:
 
 def _rotate_batch(batch: dict, R: torch.Tensor) -> dict:
     rotated = dict(batch)
-    for key in ("positions", "shifts", "cell"):
+    for key in ("positions", "shifts", "cell", "external_field"):  # a field rotates with the structure
         if key in batch and batch[key] is not None:
             rotated[key] = batch[key] @ R.T.to(batch[key].dtype)
     return rotated

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from equirelax.datasets.emt import write_emt_dataset
@@ -86,14 +87,15 @@ def test_mace_compare_reports_every_run_and_a_failed_one(tmp_path):
     (tmp_path / "mace.yaml").write_text(yaml.safe_dump(MACE_CONFIG))
     # a CR schedule longer than training: MACE's run stops with equirelax's message, the others go on
     result = _compare(tmp_path, "--host", "mace", "--config", "mace.yaml", "--controllers", "vanilla", "lora", "cr",
-                      "recm", "--controller-options", '{"cr": {"epochs": 50}, "recm": {"probe_every": 2}}')
+                      "recm", "field-input",
+                      "--controller-options", '{"cr": {"epochs": 50}, "recm": {"probe_every": 2}}')
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
-    assert [run["name"] for run in results["runs"]] == ["vanilla", "lora", "cr", "recm"]
-    vanilla, lora, cr, recm = results["runs"]
+    assert [run["name"] for run in results["runs"]] == ["vanilla", "lora", "cr", "recm", "field-input"]
+    vanilla, lora, cr, recm, field_input = results["runs"]
     assert cr["status"] == "failed" and "schedule runs over 50 epochs" in cr["error"]
-    for run in (vanilla, lora, recm):
+    for run in (vanilla, lora, recm, field_input):  # field-input: equivariant with the field rotated too
         _check_ok_run(run, layers=4, epochs=2)
     # MACE's own LoRA fine-tuning as a row: MACE injected and merged its adapters, compare evaluated its saved model
     lora_log = (out / "runs" / "lora" / "output.log").read_text()
@@ -102,6 +104,15 @@ def test_mace_compare_reports_every_run_and_a_failed_one(tmp_path):
         _mace_test_table(out / "runs" / "lora")[1], abs=0.051)
     assert lora["test"]["equivariant"]["force_mae_mev_per_a"] != vanilla["test"]["equivariant"]["force_mae_mev_per_a"]
     assert "Baseline `lora` (MACE's own LoRA fine-tuning" in (out / "report.md").read_text()
+    # the field given to MACE as an input: its weights trained, and MACE's own TEST table (its loaders read the
+    # field) is compare's evaluation (which reads it from the test file) of the saved model
+    saved = torch.load(out / "runs" / "field-input" / "field-input.model", weights_only=False)
+    assert saved.products[0].field_weight.abs().max() > 1e-4
+    assert field_input["test"]["equivariant"]["force_mae_mev_per_a"] == pytest.approx(
+        _mace_test_table(out / "runs" / "field-input")[1], abs=0.051)
+    assert field_input["test"]["equivariant"]["force_mae_mev_per_a"] != \
+        vanilla["test"]["equivariant"]["force_mae_mev_per_a"]
+    assert "Baseline `field-input` (MACE given the structure's external field" in (out / "report.md").read_text()
     _check_report_files(out, results)
     assert "| cr | **failed**: exit code 1: equirelax: the cr schedule runs over 50 epochs" in result.stdout
     assert str(out / "report.md") in result.stdout
@@ -116,10 +127,12 @@ def test_mace_compare_reports_every_run_and_a_failed_one(tmp_path):
     # same data, seed and budget: the vanilla config is the user's own, the relaxed one adds relax: only
     user = yaml.safe_load((tmp_path / "mace.yaml").read_text())
     written = {name: yaml.safe_load((out / "runs" / name / "config.yaml").read_text())
-               for name in ("vanilla", "lora", "recm")}
+               for name in ("vanilla", "lora", "recm", "field-input")}
     assert written["lora"]["lora"] is True and "relax" not in written["lora"]
+    assert written["field-input"]["field_input"] is True and "relax" not in written["field-input"]
     for config in written.values():
-        assert {k: v for k, v in config.items() if k not in ("name", "relax", "lora", "train_file", "test_file")} == \
+        assert {k: v for k, v in config.items() if k not in ("name", "relax", "lora", "field_input", "train_file",
+                                                              "test_file")} == \
             {k: v for k, v in user.items() if k not in ("name", "train_file", "test_file")}
         assert config["train_file"] == str(tmp_path / "train.xyz")
     assert "relax" not in written["vanilla"]

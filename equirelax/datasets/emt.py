@@ -7,7 +7,8 @@ charges (Cu +q, Al −q), neutralised per configuration (Σq = 0) so the field
 exerts no net force: E += −Σ q_i F·r_i and f_i += q_i F. The result is still
 translation invariant but keeps only the rotations about F. Clusters, not
 periodic cells: a uniform-field energy is not defined in a periodic cell.
-Written as extxyz with ``REF_energy`` / ``REF_forces``, which MACE and NequIP read.
+Written as extxyz with ``REF_energy`` / ``REF_forces``, which MACE and NequIP read, and the field as info
+``external_field`` (MACE's name for it), which only a model given the field reads.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def emt_configurations(n: int, *, seed: int = 0, field=None, n_atoms=(8, 13), ra
             forces = forces + q[:, None] * field[None, :]
         atoms.calc = None
         atoms.info["REF_energy"] = energy
+        if field is not None:  # MACE's name for it (PolarMACE, MACECalculator): what a field-input model reads
+            atoms.info["external_field"] = field.copy()
         atoms.arrays["REF_forces"] = forces
         configs.append(atoms)
     return configs

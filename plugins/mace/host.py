@@ -47,7 +47,10 @@ class MaceHost(Host):
     config_help = "a MACE YAML config"
     test_file_key = "test_file"
     baselines = {"lora": "MACE's own LoRA fine-tuning (--lora; lora_rank and lora_alpha from the config, else "
-                         "MACE's defaults), merged back into the model at save"}
+                         "MACE's defaults), merged back into the model at save",
+                 "field-input": "MACE given the structure's external field as an equivariant input (field_input: "
+                                "true; the field read from extxyz info external_field), the model to build when "
+                                "the cause of the broken symmetry is known"}
     # 400 clusters for 100 epochs: energy MAE ≈ 15 meV/atom, forces ≈ 4.4% relative MAE on a held-out set
     pretrain_defaults = {"n": 400, "epochs": 100}
     PATH_KEYS = ("train_file", "valid_file", "test_file", "test_dir", "pt_train_file", "pt_valid_file",
@@ -98,6 +101,8 @@ class MaceHost(Host):
             config["relax"] = self.relax_section(run.controller, run.options)
         if run.name == "lora":
             config["lora"] = True
+        if run.name == "field-input":
+            config["field_input"] = True
         (run.directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         return [sys.executable, "-m", "equirelax.plugins.mace.host", str(run.directory), "--config", "config.yaml"]
 

@@ -12,6 +12,10 @@ line) turns relaxation on; without it the run is exactly ``mace_run_train``.
       export: merge               # merge | drop | none: the exported plain-MACE model written at the end
       options: {}                 # controller options, e.g. {form: resilient, rho: 2.0}
 
+``field_input: true`` instead gives the model each structure's external field (extxyz info
+``external_field``) as an equivariant input (``plugins/mace/field.py``): the model to compare relaxation with
+when the cause of the broken symmetry is known.
+
 MACE has no plugin mechanism, so the controller goes in where ``run_train``
 looks its helpers up: ``configure_model`` (relax the built or foundation model),
 ``get_params_options`` (keep weight decay on the wrapped linear weights),
@@ -31,7 +35,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import RelaxConfigError, split_relax_config
+from .config import RelaxConfigError, split_equirelax_config
+from .field import field_input_setup
 
 CHECKPOINT_KEY = "equirelax"
 
@@ -322,7 +327,7 @@ class _LabelledTables:
 
 
 def main(argv=None) -> None:
-    """``equirelax-mace-train``: ``mace_run_train`` plus the ``relax`` settings."""
+    """``equirelax-mace-train``: ``mace_run_train`` plus the ``relax`` and ``field_input`` settings."""
     import importlib.util
 
     if importlib.util.find_spec("mace") is None:
@@ -332,11 +337,11 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     stripped_path = None
     try:
-        config, mace_argv, stripped_path = split_relax_config(argv)
+        config, field_key, mace_argv, stripped_path = split_equirelax_config(argv)
     except (RelaxConfigError, ValueError, TypeError) as error:
         sys.exit(str(error))
     try:
-        _run(config, mace_argv)
+        _run(config, mace_argv, field_key)
     finally:
         if stripped_path is not None:
             os.unlink(stripped_path)
@@ -393,20 +398,20 @@ def check_fine_tuning_flags(args) -> None:
                  "model that mace's convert_e3nn_cueq accelerates afterwards)")
 
 
-def _run(config, mace_argv) -> None:
+def _run(config, mace_argv, field_key=None) -> None:
     import mace  # noqa: F401
     from mace import tools
     from mace.cli import run_train
 
     args = tools.build_default_arg_parser().parse_args(mace_argv)
     if config is None:
-        with distributed_setup(args):
+        with distributed_setup(args), field_input_setup(args, field_key):
             run_train.run(args)
         return
     check_fine_tuning_flags(args)
     session = MaceSession(config)
     try:
-        with distributed_setup(args, session), session.installed():
+        with distributed_setup(args, session), field_input_setup(args, field_key), session.installed():
             run_train.run(args)
     except (ValueError, TypeError) as error:
         if str(error).startswith("equirelax:"):

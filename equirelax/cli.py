@@ -123,8 +123,8 @@ def add_compare_arguments(parser, hosts) -> None:
     parser.add_argument("--host", choices=hosts, required=True)
     parser.add_argument("--config", type=Path, required=True, help="your host's own training config")
     parser.add_argument("--controllers", nargs="+", default=list(DEFAULT_CONTROLLERS),
-                        help="runs to compare: vanilla, controller names and the host's baselines (MACE: lora) "
-                             "(default: %(default)s)")
+                        help="runs to compare: vanilla, controller names and the host's baselines (MACE: lora, "
+                             "field-input) (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("compare-output"),
                         help="directory for the runs and the report (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=None, help="override the config's number of epochs")

@@ -67,6 +67,23 @@ def test_field_input_model_saves_and_loads_with_its_weights():
     assert torch.equal(predict(loaded, batch)[0], energy)
 
 
+def test_mace_calculator_gives_the_field_input_model_the_atoms_field(tmp_path):
+    from mace.calculators import MACECalculator
+
+    from equirelax.datasets.emt import emt_configurations
+
+    model, table = _trained_field_model()
+    torch.save(model, tmp_path / "field.model")
+    atoms = emt_configurations(1, seed=0, field=FIELD)[0]
+    expected, _ = predict(model, batch_of(table, n=1, field=FIELD))
+    calculator = MACECalculator(model_paths=str(tmp_path / "field.model"), device="cpu", default_dtype="float64")
+    atoms.calc = calculator
+    assert atoms.get_potential_energy() == pytest.approx(float(expected[0]), abs=1e-8)
+    atoms.info["external_field"] = -atoms.info["external_field"]
+    calculator.reset()
+    assert abs(atoms.get_potential_energy() - float(expected[0])) > 1e-4  # the field it read, not a stored one
+
+
 def test_field_input_needs_vector_channels():
     from e3nn import o3
 

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("mace")
 
 from equirelax.adapters.mace import mace_equivariance_error  # noqa: E402
-from equirelax.adapters.mace_field import add_field_input, has_field_input  # noqa: E402
+from equirelax.adapters.mace import add_field_input, has_field_input  # noqa: E402
 from equirelax.plugins.mace.config import split_equirelax_config  # noqa: E402
 
 from .test_mace_adapter import batch_of, predict, tiny_mace  # noqa: E402
@@ -133,3 +133,9 @@ def test_maces_config_extraction_reads_a_field_input_model():
     assert set(config) == set(expected)
     for key in ("correlation", "hidden_irreps", "num_interactions", "max_ell", "r_max"):
         assert config[key] == expected[key], key
+
+
+def test_field_input_is_added_once():
+    model, _ = _trained_field_model()
+    weights = model.products[0].field_weight
+    assert add_field_input(model).products[0].field_weight is weights

@@ -1,5 +1,5 @@
 """``field_input``: a MACE run whose model is given each structure's external field as an equivariant input
-(``equirelax.adapters.mace_field``), with MACE's own data loading, training and saving."""
+(``equirelax.adapters.mace.add_field_input``), with MACE's own data loading, training and saving."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from .config import FIELD_KEY
 def field_input_setup(args, field_key: str | None):
     """``field_input``: MACE's loaders read each structure's field (extxyz info ``field_key``) into the batch's
     ``external_field``, and the model built or loaded for the run gets it as an equivariant input
-    (``adapters.mace_field``). Nothing changes without it."""
+    (``adapters.mace.add_field_input``). Nothing changes without it."""
     if field_key is None:
         yield
         return
     from mace.cli import run_train
 
-    from ...adapters.mace_field import add_field_input
+    from ...adapters.mace import add_field_input
 
     _check_field_data(args, field_key)
     original_keyspec, original_configure = run_train.update_keyspec_from_kwargs, run_train.configure_model

@@ -6,7 +6,7 @@ PYTHON ?= python3
 TORCH := torch==2.13.0
 MACE_ENV := .venv-mace
 NEQUIP_ENV := .venv-nequip
-PYTEST_ARGS ?= -q -p no:cacheprovider
+PYTEST_ARGS ?= -q -p no:cacheprovider --durations=15
 
 .PHONY: test test-mace test-nequip envs demo sevenn-demo benchmark clean
 

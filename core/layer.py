@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .branches import LINEAR_KINDS, PARAMETER_NAMES, LinearBranch, saved_branch_kind
+from .branches import LINEAR_KINDS, PARAMETER_NAMES, LinearBranch, LowRankBranch, saved_branch_kind
 from .irreps import CARTESIAN_TO_E3NN, as_irreps
 from .projection import HaarProjector
 
@@ -204,20 +204,36 @@ class RelaxedLayer(nn.Module):
     def probing_forward(self, out: torch.Tensor, x: torch.Tensor, recording: bool) -> torch.Tensor:
         """f_eq(x) + γ·P(W)x + P⊥(V)x: the branch's equivariant part kept (not trained here) and its
         non-equivariant part replaced by a probe map V (V_a on the first half of the rows, V_b on the
-        rest), trained at full strength whatever γ is."""
-        weight = (self.gamma.detach().to(x.dtype) * self.equivariant_weight(self.branch.weight.detach())
-                  if self.has_projection else None)
-        V = self.probe_weight
-        off = V - torch.stack([self.equivariant_weight(V[0]), self.equivariant_weight(V[1])])
+        rest), trained at full strength whatever γ is. The projections are applied through their block
+        scalars and the probe maps through their rank, so a probing step costs about what a plain one
+        does (forming the dense maps made it ~1.6× a plain MACE step)."""
         rows = x.reshape(-1, x.shape[-1])
-        first, second = nn.functional.linear(rows, off[0]), nn.functional.linear(rows, off[1])
+        A, B = self.probe_A, self.probe_B
+        if self.uses_positions:  # raw-position columns, which the dense projection zeroes
+            V = B @ A
+            off = V - torch.stack([self.equivariant_weight(V[0]), self.equivariant_weight(V[1])])
+            first, second = nn.functional.linear(rows, off[0]), nn.functional.linear(rows, off[1])
+            kept = (nn.functional.linear(rows, self.equivariant_weight(self.branch.weight.detach()))
+                    if self.has_projection else None)
+        else:
+            projector = self.projector
+            maps = [projector.lowrank_coefficients(B[k], A[k]) for k in (0, 1)]
+            if self.has_projection:  # the branch's equivariant part, through its rank when it has one
+                branch = self.branch
+                maps.append(projector.lowrank_coefficients(branch.B.detach(), branch.A.detach())
+                            if isinstance(branch, LowRankBranch) else projector.coefficients(branch.weight.detach()))
+            applied = projector.apply_coefficients(maps, rows)
+            first, second = (nn.functional.linear(nn.functional.linear(rows, A[k]), B[k]) - applied[k]
+                             for k in (0, 1))
+            kept = applied[2] if self.has_projection else None
         half = rows.shape[0] // 2
-        correction = torch.cat([first[:half], second[half:]]).reshape(*x.shape[:-1], -1)
+        correction = torch.cat([first[:half], second[half:]])
         if recording:
             first, second = first.detach(), second.detach()
             self.probe_sums = ((first * second).sum(), (first - second).pow(2).sum() / 2, out.detach().pow(2).sum())
-        out = out + correction
-        return out if weight is None else out + nn.functional.linear(x, weight)
+        if kept is not None:
+            correction = correction + self.gamma.detach().to(x.dtype) * kept
+        return out + correction.reshape(*x.shape[:-1], -1)
 
     # ----------------------------------------------------------------- forward
     def forward(self, *args, **kwargs):

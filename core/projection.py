@@ -43,9 +43,12 @@ class HaarProjector:
         return (self.irreps_out.dim, self.irreps_in.dim)
 
     def _check(self, W: torch.Tensor):
-        if tuple(W.shape[-2:]) != self.shape:
+        self._check_shape(tuple(W.shape[-2:]))
+
+    def _check_shape(self, shape: tuple):
+        if shape != self.shape:
             raise ValueError(
-                f"equirelax: matrix of shape {tuple(W.shape[-2:])} does not map {self.irreps_in} "
+                f"equirelax: matrix of shape {shape} does not map {self.irreps_in} "
                 f"(dim {self.irreps_in.dim}) to {self.irreps_out} (dim {self.irreps_out.dim})"
             )
 
@@ -63,6 +66,22 @@ class HaarProjector:
         for (rows, cols, d), c in zip(self._blocks(W.device), self.coefficients(W)):
             P[..., rows, cols] = c[..., None].expand(*c.shape, d)
         return P
+
+    def lowrank_coefficients(self, B: torch.Tensor, A: torch.Tensor):
+        """``coefficients(B @ A)`` without forming B·A (B [dim_out, r], A [r, dim_in]): each block's trace
+        contracted through the rank."""
+        self._check_shape((B.shape[-2], A.shape[-1]))
+        return [torch.einsum("adr,rbd->ab", B[rows[:, 0, :]], A[:, cols[0]]) / d
+                for rows, cols, d in self._blocks(B.device)]
+
+    def apply_coefficients(self, maps: list, x: torch.Tensor) -> torch.Tensor:
+        """k equivariant maps, each given by its block scalars (``coefficients`` or ``lowrank_coefficients``),
+        applied to rows ``x`` [n, dim_in]: ``[k, n, dim_out]``. Each irrep's copies of x are gathered once for
+        all k maps (Co·Ci·d per row and map, not dim_out·dim_in)."""
+        y = x.new_zeros(len(maps), x.shape[0], self.irreps_out.dim)
+        for (rows, cols, _), *blocks in zip(self._blocks(x.device), *maps):
+            y[:, :, rows[:, 0, :]] = torch.einsum("kab,nbd->knad", torch.stack(blocks), x[:, cols[0]])
+        return y
 
     def orthogonal_complement(self, W: torch.Tensor) -> torch.Tensor:
         """``W - P(W)``: the part of W that breaks the symmetry."""

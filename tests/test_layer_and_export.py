@@ -270,3 +270,35 @@ def test_a_checkpoint_with_another_branch_kind_names_the_setting():
     equirelax.relax(again, "ace", branch="linear")
     again.load_state_dict(dense.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), dense.state_dict().values()))
+
+
+@pytest.mark.parametrize("branch", ["linear", "lowrank"])
+def test_a_recm_probing_step_computes_the_dense_formula(branch):
+    """f_eq(x) + γ·P(W)x + P⊥(V)x, V_a on the first half of the rows and V_b on the rest, with the probe sums
+    and the probe maps' gradients, whether the maps are applied densely or through their rank."""
+    from equirelax.core.layer import RelaxedLayer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(o3.Linear("8x0e+4x1o+2x2e", "6x0e+3x1o+2x2e+1x1e").to(torch.float64))
+    equirelax.relax(model, "recm", branch=branch, total_steps=100)
+    layer = next(m for m in model.modules() if isinstance(m, RelaxedLayer))
+    with torch.no_grad():
+        layer.probe_B.normal_()
+        layer.gamma.fill_(0.7)
+        for p in layer.branch.parameters():
+            p.normal_()
+    x = torch.randn(10, 7, 30, dtype=torch.float64)
+    layer.probing = True
+    probed = layer(x)
+    grads = torch.autograd.grad(probed.pow(2).sum(), (layer.probe_A, layer.probe_B))
+    rows = x.reshape(-1, 30)
+    V = layer.probe_B @ layer.probe_A
+    off = V - layer.projector(V)
+    first, second = rows @ off[0].T, rows @ off[1].T
+    expected = layer.base(x) + torch.cat([first[:35], second[35:]]).reshape(10, 7, -1) \
+        + 0.7 * x @ layer.projector(layer.branch.weight.detach()).T
+    assert torch.allclose(probed, expected, atol=1e-12)
+    assert float(layer.probe_sums[0]) == pytest.approx(float((first * second).sum()), rel=1e-12)
+    assert float(layer.probe_sums[1]) == pytest.approx(float((first - second).pow(2).sum() / 2), rel=1e-12)
+    expected_grads = torch.autograd.grad(expected.pow(2).sum(), (layer.probe_A, layer.probe_B))
+    assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(grads, expected_grads))

@@ -34,6 +34,24 @@ def test_projection_is_idempotent_and_orthogonal(irreps_in, irreps_out, group, s
 
 
 @SETTINGS
+@given(irreps_strategy, irreps_strategy, st.sampled_from(["O3", "SO3"]), st.integers(1, 4), st.integers(0, 10**6))
+def test_low_rank_projection_applies_the_dense_projection(irreps_in, irreps_out, group, rank, seed):
+    P = HaarProjector(irreps_in, irreps_out, group)
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(P.shape[0], rank, generator=g, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(rank, P.shape[1], generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 5, P.shape[1], generator=g, dtype=torch.float64)
+    fast = P.apply_coefficients([P.lowrank_coefficients(B, A)], x.reshape(-1, P.shape[1]))
+    fast, dense = fast[0].reshape(3, 5, -1), x @ P(B @ A).T
+    assert torch.allclose(fast, dense, atol=1e-12)
+    if not P.blocks:  # no irrep on both sides: P is zero, with no gradient
+        return
+    fast_grads = torch.autograd.grad(fast.pow(2).sum(), (B, A))
+    dense_grads = torch.autograd.grad(dense.pow(2).sum(), (B, A))
+    assert all(torch.allclose(f, d, atol=1e-10) for f, d in zip(fast_grads, dense_grads))
+
+
+@SETTINGS
 @given(irreps_strategy, irreps_strategy, st.sampled_from(["O3", "SO3"]), st.integers(0, 10**6))
 def test_projected_map_commutes_with_wigner_matrices(irreps_in, irreps_out, group, seed):
     P = HaarProjector(irreps_in, irreps_out, group)

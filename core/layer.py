@@ -23,6 +23,8 @@ class RelaxedLayer(nn.Module):
     ``ctrl_*`` so it is part of the host's own ``state_dict`` and pickles.
     """
 
+    BLOCKWISE_PROBE_ENTRIES = 1 << 16  # d_out·d_in from which RECM's probes skip forming dense maps
+
     def __init__(
         self,
         base: nn.Module,
@@ -204,12 +206,14 @@ class RelaxedLayer(nn.Module):
     def probing_forward(self, out: torch.Tensor, x: torch.Tensor, recording: bool) -> torch.Tensor:
         """f_eq(x) + γ·P(W)x + P⊥(V)x: the branch's equivariant part kept (not trained here) and its
         non-equivariant part replaced by a probe map V (V_a on the first half of the rows, V_b on the
-        rest), trained at full strength whatever γ is. The projections are applied through their block
-        scalars and the probe maps through their rank, so a probing step costs about what a plain one
-        does (forming the dense maps made it ~1.6× a plain MACE step)."""
+        rest), trained at full strength whatever γ is. On large layers the projections are applied through
+        their block scalars and the probe maps through their rank, so a probing step costs about what a plain
+        one does (forming the dense maps made it ~1.6× a plain MACE step)."""
         rows = x.reshape(-1, x.shape[-1])
         A, B = self.probe_A, self.probe_B
-        if self.uses_positions:  # raw-position columns, which the dense projection zeroes
+        # small maps: a few dense ops cost less than a handful per irrep type; raw-position columns: the dense
+        # projection zeroes them
+        if self.uses_positions or B.shape[-2] * A.shape[-1] < self.BLOCKWISE_PROBE_ENTRIES:
             V = B @ A
             off = V - torch.stack([self.equivariant_weight(V[0]), self.equivariant_weight(V[1])])
             first, second = nn.functional.linear(rows, off[0]), nn.functional.linear(rows, off[1])

@@ -272,12 +272,14 @@ def test_a_checkpoint_with_another_branch_kind_names_the_setting():
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), dense.state_dict().values()))
 
 
+@pytest.mark.parametrize("blockwise", [True, False])
 @pytest.mark.parametrize("branch", ["linear", "lowrank"])
-def test_a_recm_probing_step_computes_the_dense_formula(branch):
+def test_a_recm_probing_step_computes_the_dense_formula(branch, blockwise, monkeypatch):
     """f_eq(x) + γ·P(W)x + P⊥(V)x, V_a on the first half of the rows and V_b on the rest, with the probe sums
-    and the probe maps' gradients, whether the maps are applied densely or through their rank."""
+    and the probe maps' gradients, whether the maps are applied densely or through their rank (large layers)."""
     from equirelax.core.layer import RelaxedLayer
 
+    monkeypatch.setattr(RelaxedLayer, "BLOCKWISE_PROBE_ENTRIES", 0 if blockwise else 10**9)
     torch.manual_seed(0)
     model = torch.nn.Sequential(o3.Linear("8x0e+4x1o+2x2e", "6x0e+3x1o+2x2e+1x1e").to(torch.float64))
     equirelax.relax(model, "recm", branch=branch, total_steps=100)

@@ -10,10 +10,7 @@ PYTEST_ARGS ?= -q -p no:cacheprovider --durations=15
 
 .PHONY: test test-mace test-nequip envs demo sevenn-demo benchmark clean
 
-# the environments build one after the other (both install this checkout in editable mode), then their tests run
-# side by side, one per core (torchrun --standalone picks free ports; each run's output is printed when it ends)
-test: envs
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-mace test-nequip
+test: test-mace test-nequip
 
 envs: $(MACE_ENV)/.installed $(NEQUIP_ENV)/.installed
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 import time
 import warnings
@@ -70,16 +71,19 @@ def load(n, seed, field, node_charges=False):
 
 
 def batches(graph, targets, systems: int, batch: int, generator=None, particles: int = 5):
-    """Minibatches of whole systems (edge indices renumbered per batch)."""
+    """Minibatches of whole systems (edge indices renumbered per batch), on the data's device."""
     h, x, v, edges, attr = graph
-    order = torch.randperm(systems, generator=generator) if generator is not None else torch.arange(systems)
+    device = x.device
+    # the order is drawn on the CPU generator, so a seed gives the same batches on every device
+    order = (torch.randperm(systems, generator=generator) if generator is not None else torch.arange(systems)).to(device)
     edges_per = particles * (particles - 1)
+    node_offsets, edge_offsets = torch.arange(particles, device=device), torch.arange(edges_per, device=device)
     for start in range(0, systems, batch):
         chosen = order[start:start + batch]
-        nodes = (chosen[:, None] * particles + torch.arange(particles)).reshape(-1)
-        edge_rows = (chosen[:, None] * edges_per + torch.arange(edges_per)).reshape(-1)
+        nodes = (chosen[:, None] * particles + node_offsets).reshape(-1)
+        edge_rows = (chosen[:, None] * edges_per + edge_offsets).reshape(-1)
         local = edges[:, edge_rows] - (chosen * particles).repeat_interleave(edges_per)
-        local = local + (torch.arange(len(chosen)) * particles).repeat_interleave(edges_per)
+        local = local + (torch.arange(len(chosen), device=device) * particles).repeat_interleave(edges_per)
         yield (h[nodes], x[nodes], v[nodes], local, attr[edge_rows]), targets[nodes]
 
 
@@ -94,9 +98,9 @@ def e3_error(model, graph) -> float:
     field = getattr(model, "field", None)
     with torch.no_grad():
         reference = model(h, x, v, edges, attr)
-        shift = torch.tensor([0.5, -1.0, 2.0], dtype=x.dtype)
+        shift = torch.tensor([0.5, -1.0, 2.0], dtype=x.dtype, device=x.device)
         errors = []
-        for R in random_rotations(3, "O3", dtype=x.dtype, generator=torch.Generator().manual_seed(0)):
+        for R in random_rotations(3, "O3", dtype=x.dtype, generator=torch.Generator().manual_seed(0)).to(x.device):
             if field is not None:
                 original = field.detach().clone()
                 field.copy_(R.to(field.dtype) @ original)
@@ -117,13 +121,27 @@ def runs_for(controllers, kind, model_name):
 REFERENCE_SETUP = ({"targets": ["blocks.*.update"], "branch": "mlp", "init": "random"}, 9e-4)
 
 
-def train(name, data, seed, epochs, model_name="egnn", batch=100, setup="default"):
+def _synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)   # an epoch's time includes its queued kernels
+
+
+def on_device(data, device):
+    """``dataset(...)``'s splits with every tensor on ``device``."""
+    def move(item):
+        return tuple(move(i) for i in item) if isinstance(item, tuple) else (
+            item.to(device) if isinstance(item, torch.Tensor) else item)
+    return move(data)
+
+
+def train(name, data, seed, epochs, model_name="egnn", batch=100, setup="default", device="cpu"):
+    data = on_device(data, device)
     (train_graph, train_targets, n_train), (valid_graph, valid_targets), (test_graph, test_targets) = data
     build, relax_options, export_mode, _, lr = MODELS[model_name]
     if setup == "ace-reference":
         relax_options, lr = REFERENCE_SETUP
     torch.manual_seed(seed)
-    model = build(field=FIELD) if name == "field-input" else build()
+    model = (build(field=FIELD) if name == "field-input" else build()).to(device)
     handle = None
     if CONTROLLERS[name] is not None:
         controller, options = CONTROLLERS[name]
@@ -144,6 +162,7 @@ def train(name, data, seed, epochs, model_name="egnn", batch=100, setup="default
         if handle is not None:
             handle.epoch_end()
             gammas.append(handle.levels())
+        _synchronize(device)
         seconds.append(time.perf_counter() - start)
         curve.append(mse(model, valid_graph, valid_targets))
     result = {"test_mse_relaxed": mse(model, test_graph, test_targets), "validation": curve, "gamma": gammas,
@@ -157,11 +176,11 @@ def train(name, data, seed, epochs, model_name="egnn", batch=100, setup="default
     return result
 
 
-def dataset(kind, n_train, n_test, seed, model_name="egnn", data="simulated"):
+def dataset(kind, n_train, n_test, seed, model_name="egnn", data="simulated", cache=None):
     field = FIELD if kind == "field" else None
     charges = MODELS[model_name][3]
     if data == "egnn":  # the authors' fixed data set (its own seed); the run's seed varies the model only
-        splits = egnn_splits(tuple(field) if field else None, max(n_train, n_test))
+        splits = egnn_splits(tuple(field) if field else None, max(n_train, n_test), cache)
 
         def graph(split, n):
             part = splits[split]
@@ -177,8 +196,25 @@ def dataset(kind, n_train, n_test, seed, model_name="egnn", data="simulated"):
 
 
 @functools.lru_cache(maxsize=2)
-def egnn_splits(field, systems):
-    return egnn_reference_nbody(max_samples=systems, field=field)
+def egnn_splits(field, systems, cache=None):
+    """The authors' splits; with ``cache`` (a folder) saved there once and read back by later runs."""
+    if cache is None:
+        return egnn_reference_nbody(max_samples=systems, field=field)
+    import numpy as np
+
+    from equirelax.datasets.nbody import NBodyData
+
+    path = Path(cache) / f"egnn-{'symmetric' if field is None else 'field-' + '_'.join(map(str, field))}-{systems}.npz"
+    if not path.exists():
+        splits = egnn_reference_nbody(max_samples=systems, field=field)
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.npz")   # written whole, then renamed: parallel runs share it
+        np.savez(partial, **{f"{split}_{key}": getattr(part, key) for split, part in splits.items()
+                             for key in ("positions", "velocities", "charges", "targets")})
+        partial.replace(path)
+    with np.load(path) as saved:
+        return {split: NBodyData(*(saved[f"{split}_{key}"] for key in ("positions", "velocities", "charges", "targets")))
+                for split in ("train", "valid", "test")}
 
 
 def short(layer: str) -> str:
@@ -240,7 +276,7 @@ def plots(results, out: Path):
         plt.close(figure)
 
 
-def main(argv=None):
+def arguments():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="egnn", choices=list(MODELS))
     parser.add_argument("--train", type=int, default=3000)
@@ -260,7 +296,14 @@ def main(argv=None):
     parser.add_argument("--data", default="simulated", choices=["simulated", "egnn"],
                         help="simulated: the exactly symmetric generator (default); egnn: the EGNN authors' data set, "
                              "generated exactly (per-component force clipping; fixed data, the seed varies the model)")
+    parser.add_argument("--device", default="cpu", help="torch device to train on (cuda on a GPU)")
+    parser.add_argument("--cache", type=Path, help="folder to keep --data egnn's generated splits in (made once)")
     parser.add_argument("--quick", action="store_true", help="smallest setting: 200 systems, 3 epochs, 1 seed")
+    return parser
+
+
+def main(argv=None):
+    parser = arguments()
     args = parser.parse_args(argv)
     if args.setup == "ace-reference" and args.model != "steerable":
         parser.error("--setup ace-reference is for --model steerable (the SEGNN-style model)")
@@ -274,9 +317,9 @@ def main(argv=None):
         names = runs_for(args.controllers, kind, args.model)
         results[kind] = {name: [] for name in names}
         for seed in args.seeds:
-            data = dataset(kind, args.train, args.test, seed, args.model, args.data)
+            data = dataset(kind, args.train, args.test, seed, args.model, args.data, args.cache)
             for name in names:
-                result = train(name, data, seed, args.epochs, args.model, setup=args.setup)
+                result = train(name, data, seed, args.epochs, args.model, setup=args.setup, device=args.device)
                 results[kind][name].append(result)
                 print(f"{kind} seed {seed} {name}: test MSE relaxed {result['test_mse_relaxed']:.3e} projected "
                       f"{result['test_mse_projected']:.3e} ({result['seconds_per_epoch']:.2f} s/epoch)", flush=True)
@@ -287,8 +330,9 @@ def main(argv=None):
             if size == args.train and name in results[args.kinds[0]]:
                 result = results[args.kinds[0]][name][0]   # the same run as the table's first seed
             else:
-                data = data or dataset(args.kinds[0], size, args.test, args.seeds[0], args.model, args.data)
-                result = train(name, data, args.seeds[0], args.epochs, args.model, setup=args.setup)
+                data = data or dataset(args.kinds[0], size, args.test, args.seeds[0], args.model, args.data, args.cache)
+                result = train(name, data, args.seeds[0], args.epochs, args.model, setup=args.setup,
+                               device=args.device)
             efficiency.setdefault(name, []).append([size, result["test_mse_relaxed"], result["test_mse_projected"]])
             print(f"size {size} {name}: {result['test_mse_relaxed']:.3e} / {result['test_mse_projected']:.3e}")
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

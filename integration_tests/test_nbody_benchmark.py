@@ -60,3 +60,40 @@ def test_quick_benchmark_learns_and_projects_to_exact_equivariance(quick, kind):
             assert run["equivariance_error_relaxed"] > 1e-3  # the branches with γ > 0 break the symmetry
         else:  # closed: the relaxed model is the equivariant one
             assert run["equivariance_error_relaxed"] < 1e-3
+
+
+def test_the_authors_data_reads_back_from_the_cache_as_generated(tmp_path):
+    import torch
+
+    spec = importlib.util.spec_from_file_location("nbody_benchmark_cache", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    generated = module.egnn_splits(None, 12)
+    written = module.egnn_splits(None, 12, tmp_path)            # generates and saves
+    module.egnn_splits.cache_clear()
+    read = module.egnn_splits(None, 12, tmp_path)               # reads the file back
+    assert [p.name for p in tmp_path.iterdir()] == ["egnn-symmetric-12.npz"]
+    for split in ("train", "valid", "test"):
+        for key in ("positions", "velocities", "charges", "targets"):
+            expected = getattr(generated[split], key)
+            assert np.array_equal(getattr(written[split], key), expected)
+            assert np.array_equal(getattr(read[split], key), expected) and expected.shape[0] == 12
+    # the data a run trains on does not depend on whether it came from the cache
+    assert all(torch.equal(a, b) for a, b in zip(module.dataset("symmetric", 12, 12, 0, "steerable", "egnn")[0][0],
+                                                 module.dataset("symmetric", 12, 12, 0, "steerable", "egnn",
+                                                                tmp_path)[0][0]))
+
+
+def test_the_parallel_runner_cuts_the_epochs_to_the_time_given():
+    spec = importlib.util.spec_from_file_location("nbody_parallel", SCRIPT.with_name("nbody_parallel.py"))
+    module = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.path.insert(0, str(SCRIPT.parent))   # nbody_parallel imports nbody
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert module.epochs_that_fit(430, 1.176, 15, 1000) == 317     # the H200 run in BENCHMARKS.md
+    assert module.epochs_that_fit(4000, 1.0, 10, 1000) == 1000      # never more than asked
+    assert module.epochs_that_fit(10, 1.0, 20, 1000) == 0

@@ -124,7 +124,8 @@ class FieldCoupledProduct(torch.nn.Module):
         super().__init__()
         self.product = product
         self.source = source
-        self.slices = [(start, mul) for (mul, ir), start in zip(irreps_out, _starts(irreps_out)) if ir == o3.Irrep("1o")]
+        self.slices = [(part.start, mul) for (mul, ir), part in zip(irreps_out, irreps_out.slices())
+                       if ir == o3.Irrep("1o")]
         channels = sum(mul for _, mul in self.slices)
         self.field_weight = torch.nn.Parameter(torch.zeros(n_species, channels))
 
@@ -150,13 +151,6 @@ class FieldCoupledProduct(torch.nn.Module):
             added[:, start:start + 3 * mul] = block.reshape(out.shape[0], 3 * mul)
             used += mul
         return out + added
-
-
-def _starts(irreps: o3.Irreps):
-    start = 0
-    for mul, ir in irreps:
-        yield start
-        start += mul * ir.dim
 
 
 def add_field_input(model: torch.nn.Module, key: str = FIELD_KEY) -> torch.nn.Module:

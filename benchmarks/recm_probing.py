@@ -4,8 +4,8 @@ through dense maps (how it was computed before), in one process, interleaved.
 
     .venv-mace/bin/python benchmarks/recm_probing.py [--probes 8]
 
-The dense variant is the formula the unit test checks the layer against
-(``test_a_recm_probing_step_computes_the_dense_formula``).
+The dense variant is the layer's own dense path (taken on layers below
+``RelaxedLayer.BLOCKWISE_PROBE_ENTRIES`` entries), forced on every layer here.
 """
 
 from __future__ import annotations
@@ -16,27 +16,11 @@ import statistics
 import time
 
 import torch
-from torch import nn
 
 import mace  # noqa: F401
 import equirelax
 from equirelax.core.layer import RelaxedLayer
 from mace_speed import build, make_batch  # benchmarks/ is on sys.path when run as a script
-
-
-def dense_probing_forward(self, out, x, recording):
-    """f_eq(x) + γ·P(W)x + P⊥(V)x with V = B·A and the projections formed as dense matrices."""
-    rows = x.reshape(-1, x.shape[-1])
-    V = self.probe_B @ self.probe_A
-    off = V - torch.stack([self.equivariant_weight(V[0]), self.equivariant_weight(V[1])])
-    first, second = nn.functional.linear(rows, off[0]), nn.functional.linear(rows, off[1])
-    half = rows.shape[0] // 2
-    correction = torch.cat([first[:half], second[half:]])
-    if recording:
-        first, second = first.detach(), second.detach()
-        self.probe_sums = ((first * second).sum(), (first - second).pow(2).sum() / 2, out.detach().pow(2).sum())
-    kept = nn.functional.linear(rows, self.equivariant_weight(self.branch.weight.detach()))
-    return out + (correction + self.gamma.detach().to(x.dtype) * kept).reshape(*x.shape[:-1], -1)
 
 
 def main():
@@ -53,7 +37,7 @@ def main():
     handle = equirelax.relax(model, "recm", branch="lowrank", total_steps=100000)
     optimizer = handle.wrap(torch.optim.Adam(model.parameters(), lr=1e-3))
     layer = next(m for m in model.modules() if isinstance(m, RelaxedLayer))
-    current = RelaxedLayer.probing_forward
+    blockwise_from = RelaxedLayer.BLOCKWISE_PROBE_ENTRIES
     times = {"plain step": [], "probing step": [], "probing step, dense maps": []}
     probes, warmup = 0, 8
     try:
@@ -63,7 +47,7 @@ def main():
                 variant = "probing step, dense maps" if probes % 2 else "probing step"
             else:
                 variant = "plain step"
-            RelaxedLayer.probing_forward = dense_probing_forward if variant.endswith("dense maps") else current
+            RelaxedLayer.BLOCKWISE_PROBE_ENTRIES = float("inf") if variant.endswith("dense maps") else blockwise_from
             start = time.perf_counter()
             optimizer.zero_grad()
             out = model(batch, training=True, compute_force=True)
@@ -73,7 +57,7 @@ def main():
             if step >= warmup:
                 times[variant].append(time.perf_counter() - start)
     finally:
-        RelaxedLayer.probing_forward = current
+        RelaxedLayer.BLOCKWISE_PROBE_ENTRIES = blockwise_from
     plain = statistics.median(times["plain step"])
     print(f"# MACE ({args.hidden}, 2 interactions, correlation 3), RECM at its defaults (probe_every 4), lowrank "
           f"branch, batch of 8 clusters, float64, {args.threads} threads, medians, variants interleaved\n")

@@ -134,7 +134,8 @@ def on_device(data, device):
     return move(data)
 
 
-def train(name, data, seed, epochs, model_name="egnn", batch=100, setup="default", device="cpu"):
+def train(name, data, seed, epochs, model_name="egnn", batch=100, setup="default", device="cpu", options=None):
+    """``options``: the controller's options over its defaults (``--controller-options``)."""
     data = on_device(data, device)
     (train_graph, train_targets, n_train), (valid_graph, valid_targets), (test_graph, test_targets) = data
     build, relax_options, export_mode, _, lr = MODELS[model_name]
@@ -144,8 +145,8 @@ def train(name, data, seed, epochs, model_name="egnn", batch=100, setup="default
     model = (build(field=FIELD) if name == "field-input" else build()).to(device)
     handle = None
     if CONTROLLERS[name] is not None:
-        controller, options = CONTROLLERS[name]
-        options = {**options, "epochs": epochs} if controller == "cr" else options
+        controller, defaults = CONTROLLERS[name]
+        options = {**defaults, **({"epochs": epochs} if controller == "cr" else {}), **(options or {})}
         handle = equirelax.relax(model, controller, total_steps=epochs * -(-n_train // batch), **relax_options,
                                  **options)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-12)
@@ -296,6 +297,8 @@ def arguments():
     parser.add_argument("--data", default="simulated", choices=["simulated", "egnn"],
                         help="simulated: the exactly symmetric generator (default); egnn: the EGNN authors' data set, "
                              "generated exactly (per-component force clipping; fixed data, the seed varies the model)")
+    parser.add_argument("--controller-options", type=json.loads, default={},
+                        help='JSON: options per controller over its defaults, e.g. \'{"ace": {"horizon": 0.5}}\'')
     parser.add_argument("--device", default="cpu", help="torch device to train on (cuda on a GPU)")
     parser.add_argument("--cache", type=Path, help="folder to keep --data egnn's generated splits in (made once)")
     parser.add_argument("--quick", action="store_true", help="smallest setting: 200 systems, 3 epochs, 1 seed")
@@ -307,6 +310,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.setup == "ace-reference" and args.model != "steerable":
         parser.error("--setup ace-reference is for --model steerable (the SEGNN-style model)")
+    unknown = sorted(set(args.controller_options) - {n for n, c in CONTROLLERS.items() if c is not None})
+    if unknown:
+        parser.error(f"--controller-options names {unknown}; it takes {sorted(n for n, c in CONTROLLERS.items() if c)}")
     if args.quick:
         args.train, args.test, args.epochs, args.seeds = 200, 100, 3, [0]
     torch.set_num_threads(args.threads)
@@ -319,7 +325,8 @@ def main(argv=None):
         for seed in args.seeds:
             data = dataset(kind, args.train, args.test, seed, args.model, args.data, args.cache)
             for name in names:
-                result = train(name, data, seed, args.epochs, args.model, setup=args.setup, device=args.device)
+                result = train(name, data, seed, args.epochs, args.model, setup=args.setup, device=args.device,
+                               options=args.controller_options.get(name))
                 results[kind][name].append(result)
                 print(f"{kind} seed {seed} {name}: test MSE relaxed {result['test_mse_relaxed']:.3e} projected "
                       f"{result['test_mse_projected']:.3e} ({result['seconds_per_epoch']:.2f} s/epoch)", flush=True)
@@ -332,7 +339,7 @@ def main(argv=None):
             else:
                 data = data or dataset(args.kinds[0], size, args.test, args.seeds[0], args.model, args.data, args.cache)
                 result = train(name, data, args.seeds[0], args.epochs, args.model, setup=args.setup,
-                               device=args.device)
+                               device=args.device, options=args.controller_options.get(name))
             efficiency.setdefault(name, []).append([size, result["test_mse_relaxed"], result["test_mse_projected"]])
             print(f"size {size} {name}: {result['test_mse_relaxed']:.3e} / {result['test_mse_projected']:.3e}")
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

@@ -31,6 +31,7 @@ def command(run_args, kind, name, seed, epochs, device, out: Path):
             "--data", run_args.data, "--train", str(run_args.train), "--test", str(run_args.test),
             "--epochs", str(epochs), "--seeds", str(seed), "--kinds", kind, "--controllers", name,
             "--threads", "1", "--device", device, "--out", str(out)]
+    argv += ["--controller-options", json.dumps(run_args.controller_options)]
     return argv + (["--cache", str(run_args.cache)] if run_args.cache else [])
 
 

@@ -97,3 +97,22 @@ def test_the_parallel_runner_cuts_the_epochs_to_the_time_given():
     assert module.epochs_that_fit(430, 1.176, 15, 1000) == 317     # the H200 run in BENCHMARKS.md
     assert module.epochs_that_fit(4000, 1.0, 10, 1000) == 1000      # never more than asked
     assert module.epochs_that_fit(10, 1.0, 20, 1000) == 0
+
+
+def test_controller_options_reach_the_controller_and_unknown_names_are_refused(tmp_path):
+    import torch
+
+    spec = importlib.util.spec_from_file_location("nbody_benchmark_options", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    previous = torch.get_default_dtype()
+    common = ["--quick", "--model", "steerable", "--kinds", "symmetric", "--controllers", "ace", "--out", str(tmp_path)]
+    try:
+        default = module.main(common)["symmetric"]["ace"][0]["gamma"]
+        slower = module.main(common + ["--controller-options", '{"ace": {"horizon": 0.5}}'])["symmetric"]["ace"][0]
+    finally:
+        torch.set_default_dtype(previous)
+    first = slower["gamma"][0]
+    assert all(abs(first[k] - default[0][k]) > 1e-2 for k in first), (first, default[0])  # another γ path
+    with pytest.raises(SystemExit):
+        module.main(common + ["--controller-options", '{"vanilla": {"horizon": 0.5}}'])

@@ -41,9 +41,9 @@ def run_all(runs, run_args, epochs, device, work: Path):
     for kind, name, seed in runs:
         out = work / f"{kind}-{name}-{seed}"
         out.mkdir(parents=True, exist_ok=True)
-        log = (out / "log").open("w")
-        processes.append((out, subprocess.Popen(command(run_args, kind, name, seed, epochs, device, out),
-                                                stdout=log, stderr=subprocess.STDOUT)))
+        with (out / "log").open("w") as log:   # the child keeps its own descriptor
+            processes.append((out, subprocess.Popen(command(run_args, kind, name, seed, epochs, device, out),
+                                                    stdout=log, stderr=subprocess.STDOUT)))
     failed = [out for out, process in processes if process.wait() != 0]
     if failed:
         raise SystemExit(f"equirelax: {len(failed)} run(s) failed; the first's log ({failed[0]}):\n"

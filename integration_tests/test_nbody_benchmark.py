@@ -13,18 +13,35 @@ pytest.importorskip("torch_geometric")
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "nbody.py"
 
 
-@pytest.fixture(scope="module", params=["egnn", "steerable"])
-def quick(request, tmp_path_factory):
+def load(script: Path, name: str):
+    """A benchmark script as a module (benchmarks/ on sys.path while it loads, for the scripts' own imports)."""
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(script.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(script.parent))
+    return module
+
+
+def run_main(module, argv):
+    """``module.main(argv)``, leaving torch's default dtype as it found it (the benchmark sets float32)."""
     import torch
 
-    spec = importlib.util.spec_from_file_location("nbody_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     previous = torch.get_default_dtype()
     try:
-        results = module.main(["--quick", "--model", request.param, "--out", str(tmp_path_factory.mktemp("nbody"))])
+        return module.main(argv)
     finally:
         torch.set_default_dtype(previous)
+
+
+@pytest.fixture(scope="module", params=["egnn", "steerable"])
+def quick(request, tmp_path_factory):
+    module = load(SCRIPT, "nbody_benchmark")
+    results = run_main(module, ["--quick", "--model", request.param, "--out", str(tmp_path_factory.mktemp("nbody"))])
     return module, request.param, results
 
 
@@ -65,9 +82,7 @@ def test_quick_benchmark_learns_and_projects_to_exact_equivariance(quick, kind):
 def test_the_authors_data_reads_back_from_the_cache_as_generated(tmp_path):
     import torch
 
-    spec = importlib.util.spec_from_file_location("nbody_benchmark_cache", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load(SCRIPT, "nbody_benchmark_cache")
     generated = module.egnn_splits(None, 12)
     written = module.egnn_splits(None, 12, tmp_path)            # generates and saves
     module.egnn_splits.cache_clear()
@@ -85,34 +100,18 @@ def test_the_authors_data_reads_back_from_the_cache_as_generated(tmp_path):
 
 
 def test_the_parallel_runner_cuts_the_epochs_to_the_time_given():
-    spec = importlib.util.spec_from_file_location("nbody_parallel", SCRIPT.with_name("nbody_parallel.py"))
-    module = importlib.util.module_from_spec(spec)
-    import sys
-
-    sys.path.insert(0, str(SCRIPT.parent))   # nbody_parallel imports nbody
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    module = load(SCRIPT.with_name("nbody_parallel.py"), "nbody_parallel")
     assert module.epochs_that_fit(430, 1.176, 15, 1000) == 317     # the H200 run in BENCHMARKS.md
     assert module.epochs_that_fit(4000, 1.0, 10, 1000) == 1000      # never more than asked
     assert module.epochs_that_fit(10, 1.0, 20, 1000) == 0
 
 
 def test_controller_options_reach_the_controller_and_unknown_names_are_refused(tmp_path):
-    import torch
-
-    spec = importlib.util.spec_from_file_location("nbody_benchmark_options", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    previous = torch.get_default_dtype()
+    module = load(SCRIPT, "nbody_benchmark_options")
     common = ["--quick", "--model", "steerable", "--kinds", "symmetric", "--controllers", "ace", "--out", str(tmp_path)]
-    try:
-        default = module.main(common)["symmetric"]["ace"][0]["gamma"]
-        slower = module.main(common + ["--controller-options", '{"ace": {"horizon": 0.5}}'])["symmetric"]["ace"][0]
-    finally:
-        torch.set_default_dtype(previous)
+    default = run_main(module, common)["symmetric"]["ace"][0]["gamma"]
+    slower = run_main(module, common + ["--controller-options", '{"ace": {"horizon": 0.5}}'])["symmetric"]["ace"][0]
     first = slower["gamma"][0]
     assert all(abs(first[k] - default[0][k]) > 1e-2 for k in first), (first, default[0])  # another γ path
     with pytest.raises(SystemExit):
-        module.main(common + ["--controller-options", '{"vanilla": {"horizon": 0.5}}'])
+        run_main(module, common + ["--controller-options", '{"vanilla": {"horizon": 0.5}}'])

@@ -441,3 +441,20 @@ def test_ace_budget_step_moves_the_equivariant_part_it_takes_off_gamma_into_the_
     equirelax.export(model)
     assert torch.allclose(model(x), projected, atol=1e-12, rtol=0)
     assert torch.allclose(relaxed, projected, atol=0.02 * float(projected.abs().max()))
+
+
+def test_ace_without_keeping_the_equivariant_part_leaves_the_host_weights_to_the_optimizer(model):
+    """keep_equivariant_part=False: shrinking γ drops the whole branch, the host layers never change (lr 0)."""
+    handle = equirelax.relax(model, "ace", branch="linear", init="random", init_std=0.3, total_steps=20,
+                             keep_equivariant_part=False)
+    host = {name: p.detach().clone() for name, p in model.named_parameters() if ".base." in name}
+    x, y = make_task("field", 64)
+    opt = handle.wrap(torch.optim.SGD(model.parameters(), lr=0.0))
+    for _ in range(20):
+        opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        opt.step()
+    assert all(abs(g) <= 1e-2 for g in handle.levels().values())
+    assert host and all(torch.equal(p, host[name]) for name, p in model.named_parameters() if name in host)
+    with pytest.raises(ValueError, match="'keep_equivariant_part' must be true or false"):
+        equirelax.relax(gated_e3nn_model(), "ace", keep_equivariant_part="no", total_steps=10)

@@ -63,6 +63,8 @@ class MaceSession:
     # ---------------------------------------------------------------- patches
     def configure_model(self, original):
         def configure_model(args, train_loader, *rest, **kwargs):
+            import torch
+
             import equirelax
             from equirelax.core.controllers import check_schedule_fits
 
@@ -92,8 +94,7 @@ class MaceSession:
                                  f"relaxed layers {caught}: their branches could not train; freeze fewer blocks or "
                                  f"relax other layers (targets)")
             logging.info(f"equirelax: relaxed {sorted(self.handle.layers)} with controller {c['controller']!r}")
-            with contextlib.suppress(StopIteration, TypeError):
-                self.probe_batch = next(iter(train_loader))
+            self.probe_batch = _first_batch(train_loader)
             return model, output_args
 
         return configure_model
@@ -151,6 +152,8 @@ class MaceSession:
     def metrics(self) -> dict:
         metrics = {f"equirelax/{k}": v for k, v in self.handle.metrics().items()}
         if self.probe_batch is not None:
+            import torch
+
             from ...adapters.mace import mace_equivariance_error
 
             model = self.handle.model
@@ -159,7 +162,9 @@ class MaceSession:
             was_training = model.training
             model.eval()
             try:
-                error = mace_equivariance_error(model, batch, n_rotations=2)
+                # rotations from a private stream, not from MACE's
+                error = mace_equivariance_error(model, batch, n_rotations=2,
+                                                generator=torch.Generator().manual_seed(self.handle.step))
             finally:
                 model.train(was_training)
             metrics["equirelax/equivariance_error/energy"] = error["energy"]["mean"]
@@ -281,6 +286,26 @@ class MaceSession:
                          + (f"; {relaxed_compiled}: the relaxed model's TorchScript, γ and branches kept "
                             f"(MACECalculator, no equirelax needed)" if deployable else ""))
         return written
+
+
+def _first_batch(loader):
+    """A batch of ``loader`` drawn without moving its random stream: a shuffled loader draws each epoch's
+    order from its generator (MACE seeds one with --seed), so drawing here would shift every epoch's order
+    away from the vanilla run's with the same seed."""
+    import torch
+
+    generators = [g for g in {id(g): g for g in (getattr(loader, "generator", None),
+                                                  getattr(getattr(loader, "sampler", None), "generator", None))
+                              }.values() if g is not None]
+    states = [g.get_state() for g in generators]
+    try:
+        with torch.random.fork_rng(devices=[]):  # a loader without a generator draws from the global stream
+            return next(iter(loader))
+    except (StopIteration, TypeError):
+        return None
+    finally:
+        for generator, state in zip(generators, states):
+            generator.set_state(state)
 
 
 def _frozen_blocks(freeze) -> set:

@@ -41,6 +41,7 @@ CONTROLLERS = [
     ("cr", "cr", {"epochs": 10}),
     ("ace", "ace", {}),
     ("ace (papers' gradient form)", "ace", {"dual": "gradient"}),
+    ("ace (equivariant part kept)", "ace", {"keep_equivariant_part": True}),
     ("ace-resilient", "ace-resilient", {}),
     ("recm", "recm", {}),
 ]

@@ -13,17 +13,20 @@ proximal step of the constraint terms (multiplier plus an augmented term) in
     λ  ← λ + k_i z                    (resilient: [·]_+)
     z  ← (z − λ)/(1 + c)              (augmented proximal step; resilient: c acts on z > 0 only)
 
-Whatever the proximal step takes off γ, the branch's equivariant part goes with it
-into the host layer's own weights (Δγ·P(W), exactly, where the adapter can merge),
-so shrinking γ removes only the symmetry-breaking part: the equivariant function
-the branch learned stays, as ``export(mode="merge")`` would keep it. With
-``keep_equivariant_part=False`` the whole branch goes and the host layers are left
-to the optimizer. Measured (BENCHMARKS.md): kept, the 75-step MACE fine-tune on
-symmetric data ends at 19.8 ± 0.2 meV/Å (3 seeds) against 20.9 ± 2.4 dropped and
-vanilla's 19.4; on field data the two are level (107.6 / 106.9, vanilla 109.6).
-In the e3nn field task, though, the kept part costs: 0.181 vs 0.151 test MSE
-(vanilla 0.150), because the Haar projection of a branch that learned the field
-is not the best equivariant fit of the data.
+What the proximal step takes off γ goes, in the equality form's default, with the whole
+branch: the host layers are left to the optimizer. With ``keep_equivariant_part=True`` (the
+resilient form's default) the branch's equivariant part
+goes instead into the host layer's own weights (Δγ·P(W), exactly, where the adapter can
+merge), so shrinking γ removes only the symmetry-breaking part and the equivariant function
+the branch learned stays, as ``export(mode="merge")`` would keep it. Dropping is equality
+ACE's default by measurement (BENCHMARKS.md, horizon 0.1); the resilient form, measured only
+with its part kept, keeps it. Where the data breaks the symmetry, keeping
+costs: SevenNet-0's 40-step fine-tune on field data ends at 292.7 meV/Å kept against 217.0
+dropped (vanilla 183.6), the e3nn field task at test MSE 0.181 against 0.151 (vanilla 0.150);
+the Haar projection of a branch that learned the field is not an equivariant fit the data
+asks for. On symmetric data keeping helps a little where it helps: e3nn task 1.48e-3 against
+1.64e-3 (vanilla 2.04e-3), N-body e3nn model 1.42e-2 against 1.48e-2 (seed 0); SevenNet-0
+131.5 dropped against 142.7 kept; the MACE fine-tunes are level within their spread.
 
 This is a primal–dual (PI) loop on the constraint violation whose gains come
 from the run's budget T: a double pole at r = 1 − 1/N_t with the horizon
@@ -70,13 +73,14 @@ from .base import Controller
 
 FORMS = ("equality", "resilient")
 HORIZONS = {"equality": 0.1, "resilient": 0.5}   # the default horizon per form (see the module docstring)
+KEEP_EQUIVARIANT_PART = {"equality": False, "resilient": True}  # the default per form (ditto)
 DUALS = ("budget", "gradient")
 
 
 class ACE(Controller):
     name = "ace"
     defaults = {"form": "equality", "dual": "budget", "horizon": None, "rho": 1.0, "gamma0": 1.0,
-                "dual_lr": 1e-3, "augmented": 0.0, "keep_equivariant_part": True}
+                "dual_lr": 1e-3, "augmented": 0.0, "keep_equivariant_part": None}
     learnable_gamma = True
 
     def validate(self):
@@ -88,6 +92,8 @@ class ACE(Controller):
             self.options["horizon"] = HORIZONS[self.options["form"]]
         self._positive("dual_lr", "rho", "horizon")
         self._positive("augmented", allow_zero=True)
+        if self.options["keep_equivariant_part"] is None:
+            self.options["keep_equivariant_part"] = KEEP_EQUIVARIANT_PART[self.options["form"]]
         if not isinstance(self.options["keep_equivariant_part"], bool):
             raise ValueError("equirelax: ace option 'keep_equivariant_part' must be true or false, got "
                              f"{self.options['keep_equivariant_part']!r}")
@@ -104,10 +110,7 @@ class ACE(Controller):
         return self.options["dual"] == "budget"
 
     def setup(self, layers):
-        # built here, not in the training step (building reads the host layer's path factors on the host)
-        keep = self.budgeted and self.options["keep_equivariant_part"]
-        self.plans = {name: self.adapter.merge_plan(layer) if keep and layer.has_projection else None
-                      for name, layer in layers.items()}
+        self._build_plans(layers)
         for layer in layers.values():
             layer.add_state("lambda", torch.zeros((), dtype=layer.gamma.dtype))
             # a low-rank branch has no ∂J/∂W of its own: the layer applies it densely so that backward leaves one
@@ -118,6 +121,12 @@ class ACE(Controller):
                 layer.add_state("grad_mean", torch.zeros((), dtype=layer.gamma.dtype))
                 layer.add_state("grad_sq", torch.zeros((), dtype=layer.gamma.dtype))
                 layer.add_state("grad_weight", torch.zeros((), dtype=layer.gamma.dtype))
+
+    def _build_plans(self, layers):
+        # built here, not in the training step (building reads the host layer's path factors on the host)
+        keep = self.budgeted and self.options["keep_equivariant_part"]
+        self.plans = {name: self.adapter.merge_plan(layer) if keep and layer.has_projection else None
+                      for name, layer in layers.items()}
 
     # ------------------------------------------------------------- budget form
     def _gains(self, handle):
@@ -233,6 +242,12 @@ class ACE(Controller):
                     slack.copy_(lam / self.options["rho"])
                 else:
                     lam.copy_(self.keep_if(finite, lam + eta * gamma, lam))
+
+    @hookimpl
+    def equirelax_load_state_dict(self, handle, state):
+        # the options came back with the state: a state saved before the option existed was trained keeping it
+        self.options.setdefault("keep_equivariant_part", True)
+        self._build_plans(self.layers)
 
     @hookimpl
     def equirelax_metrics(self, handle):

@@ -63,8 +63,6 @@ class MaceSession:
     # ---------------------------------------------------------------- patches
     def configure_model(self, original):
         def configure_model(args, train_loader, *rest, **kwargs):
-            import torch
-
             import equirelax
             from equirelax.core.controllers import check_schedule_fits
 

@@ -99,7 +99,8 @@ def test_config_without_relax_trains_exactly_like_mace_run_train_and_so_does_a_r
     # γ held at 0: the branches never act, so the run must see MACE's batches in MACE's order (a probe batch
     # drawn from the loader once shifted every epoch's shuffle: the first step's loss differed by 10%) and end
     # with the same weights, to rounding (the optimizer's steps now also run over the branches' zero gradients)
-    zero = run(CLI, tmp_path / "zero", data_dir, {**shuffled, "relax": {"controller": "fixed", "options": {"gamma": 0.0}}})
+    at_zero = {**shuffled, "relax": {"controller": "fixed", "options": {"gamma": 0.0}}}
+    zero = run(CLI, tmp_path / "zero", data_dir, at_zero)
     assert all(r.returncode == 0 for r in (ours, theirs, zero)), [r.stderr[-2000:] for r in (ours, theirs, zero)]
     a = torch.load(tmp_path / "ours" / "tiny.model", weights_only=False).state_dict()
     b = torch.load(tmp_path / "theirs" / "tiny.model", weights_only=False).state_dict()

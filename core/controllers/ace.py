@@ -24,9 +24,10 @@ with its part kept, keeps it. Where the data breaks the symmetry, keeping
 costs: SevenNet-0's 40-step fine-tune on field data ends at 292.7 meV/Å kept against 217.0
 dropped (vanilla 183.6), the e3nn field task at test MSE 0.181 against 0.151 (vanilla 0.150);
 the Haar projection of a branch that learned the field is not an equivariant fit the data
-asks for. On symmetric data keeping helps a little where it helps: e3nn task 1.48e-3 against
-1.64e-3 (vanilla 2.04e-3), N-body e3nn model 1.42e-2 against 1.48e-2 (seed 0); SevenNet-0
-131.5 dropped against 142.7 kept; the MACE fine-tunes are level within their spread.
+asks for. On symmetric data neither wins throughout, and the margins are small: keeping is
+better on the e3nn task (1.48e-3 against 1.64e-3, vanilla 2.04e-3) and the N-body e3nn model
+(1.42e-2 against 1.48e-2, seed 0), dropping on SevenNet-0 (131.5 against 142.7 meV/Å); the
+MACE fine-tunes are level within their spread.
 
 This is a primal–dual (PI) loop on the constraint violation whose gains come
 from the run's budget T: a double pole at r = 1 − 1/N_t with the horizon

@@ -292,9 +292,9 @@ def _first_batch(loader):
     away from the vanilla run's with the same seed."""
     import torch
 
-    generators = [g for g in {id(g): g for g in (getattr(loader, "generator", None),
-                                                  getattr(getattr(loader, "sampler", None), "generator", None))
-                              }.values() if g is not None]
+    # (the loader and its sampler usually share one: restoring it twice restores it)
+    generators = [g for g in (getattr(loader, "generator", None),
+                              getattr(getattr(loader, "sampler", None), "generator", None)) if g is not None]
     states = [g.get_state() for g in generators]
     try:
         with torch.random.fork_rng(devices=[]):  # a loader without a generator draws from the global stream

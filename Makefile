@@ -10,7 +10,10 @@ PYTEST_ARGS ?= -q -p no:cacheprovider --durations=15
 
 .PHONY: test test-mace test-nequip envs demo sevenn-demo benchmark clean
 
-test: test-mace test-nequip
+# The two environments' suites run side by side, one thread each (2 cores; their tests are small-tensor
+# and mostly single-threaded, so running them serially left a core idle). Output is grouped per suite.
+test: envs
+	OMP_NUM_THREADS=1 $(MAKE) -j2 --output-sync=target test-mace test-nequip
 
 envs: $(MACE_ENV)/.installed $(NEQUIP_ENV)/.installed
 

@@ -13,7 +13,7 @@ def test_readme_example_runs_and_exports_an_equivariant_model(tmp_path):
     code += (
         "\nlevels = handle.levels()\n"
         "assert all(0.0 <= g <= 1.0 for g in levels.values()), levels\n"
-        "assert max(levels.values()) > 0.1, levels  # the field keeps some relaxation\n"
+        "assert levels['0'] > 0.5, levels  # the field enters at the first linear: relaxed there\n"
         "assert equirelax.equivariance_error(model, x).max < 1e-5\n"
         "assert all(type(m).__module__.split('.')[0] in ('e3nn', 'torch') for m in model.modules())\n"
         "print('README-OK')\n"

@@ -160,9 +160,12 @@ class MaceSession:
             was_training = model.training
             model.eval()
             try:
-                # rotations from a private stream, not from MACE's
-                error = mace_equivariance_error(model, batch, n_rotations=2,
-                                                generator=torch.Generator().manual_seed(self.handle.step))
+                # rotations from a private stream, not from MACE's; unoptimized TorchScript, so that these extra
+                # calls do not change when the graph executor optimizes e3nn's scripted modules for MACE's own
+                # calls (an optimized graph rounds differently: the run would no longer match plain MACE's bits)
+                with torch.jit.optimized_execution(False):
+                    error = mace_equivariance_error(model, batch, n_rotations=2,
+                                                    generator=torch.Generator().manual_seed(self.handle.step))
             finally:
                 model.train(was_training)
             metrics["equirelax/equivariance_error/energy"] = error["energy"]["mean"]

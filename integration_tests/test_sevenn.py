@@ -286,6 +286,30 @@ def test_sevenn_fine_tuning_runs_the_controller_and_writes_a_plain_checkpoint(se
     assert float(md.stdout.split("DRIFT")[1]) < 0.05
 
 
+def test_relaxed_run_at_gamma_zero_trains_bit_for_bit_like_sevenn(sevenn_run, tmp_path):
+    """sevenn's own CLI on the same input, and equirelax-sevenn with γ held at 0: the branches never act, so
+    every weight of the best model must be sevenn's, to the bit (the data order and every step included)."""
+    import shutil
+
+    runs = {"plain": tmp_path / "plain", "zero": tmp_path / "zero"}
+    for directory in runs.values():
+        directory.mkdir()
+        for name in ("train.extxyz", "valid.extxyz"):
+            shutil.copy(sevenn_run / name, directory / name)
+    _input_yaml(runs["plain"], "input.yaml")
+    _input_yaml(runs["zero"], "input.yaml", relax={"controller": "fixed", "options": {"gamma": 0.0}})
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    plain = subprocess.run([str(Path(sys.executable).parent / "sevenn"), "input.yaml", "-s"], cwd=runs["plain"],
+                           capture_output=True, text=True, timeout=900, env=env)
+    zero = _equirelax_sevenn(runs["zero"], "input.yaml")
+    assert plain.returncode == 0 and zero.returncode == 0, (plain.stderr[-2000:], zero.stderr[-2000:])
+    states = {name: torch.load(directory / "checkpoint_best.pth", map_location="cpu",
+                               weights_only=False)["model_state_dict"] for name, directory in runs.items()}
+    assert states["plain"].keys() == states["zero"].keys()  # the exported checkpoint is a plain one
+    assert all(torch.equal(states["plain"][k], states["zero"][k]) for k in states["plain"]), \
+        [k for k in states["plain"] if not torch.equal(states["plain"][k], states["zero"][k])]
+
+
 def test_resuming_a_relaxed_sevenn_run_restores_the_controller(sevenn_run, tmp_path):
     import shutil
 

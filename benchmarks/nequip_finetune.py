@@ -1,6 +1,7 @@
 """Relax a pretrained NequIP model on external-field data vs vanilla NequIP fine-tuning, same data, seed and budget.
 
     .venv-nequip/bin/python benchmarks/nequip_finetune.py [--seeds 3 4 5] [--epochs 15] [--workdir DIR]
+        [--runs vanilla recm] [--controller-options '{"recm": {"warmup": 0.5}}']
 
 1. generates EMT Cu/Al clusters (equirelax.datasets.emt): a symmetric set and a
    set in a uniform field F = (0, 0, 0.3) eV/Å on neutralised species charges;
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -61,7 +63,12 @@ def main():
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--pretrain-epochs", type=int, default=30)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--runs", nargs="+", default=[name for name, _ in RUNS], choices=[name for name, _ in RUNS])
+    parser.add_argument("--controller-options", type=json.loads, default={},
+                        help='per controller, e.g. \'{"recm": {"warmup": 0.5}}\'')
     args = parser.parse_args()
+    runs = [(name, relax if relax is None or name not in args.controller_options
+             else {**relax, "options": args.controller_options[name]}) for name, relax in RUNS if name in args.runs]
     from ase.io import read
     from nequip.utils.global_state import set_global_state
 
@@ -77,13 +84,13 @@ def main():
     write_emt_dataset(root / "field_train.xyz", 50, seed=1, field=field)
     write_emt_dataset(root / "field_test.xyz", 30, seed=2, field=field)
     test = nequip_batch(read(root / "field_test.xyz", ":"), TYPE_NAMES, 4.5)
-    results = {name: {"relaxed": [], "exported": [], "seconds": []} for name, _ in RUNS}
+    results = {name: {"relaxed": [], "exported": [], "seconds": []} for name, _ in runs}
     for seed in args.seeds:
         pre = f"pretrain_{seed}"
         train(root, pre, training_config(str(root / "sym.xyz"), epochs=args.pretrain_epochs, seed=seed,
                                          model=model_config(), logger_dir=None))
         source = {"_target_": "nequip.model.ModelFromCheckpoint", "checkpoint_path": str(root / pre / "best.ckpt")}
-        for name, relax in RUNS:
+        for name, relax in runs:
             model = source if relax is None else relaxed(source, **relax)
             config = training_config(str(root / "field_train.xyz"), epochs=args.epochs, seed=seed, lr=0.005,
                                      model=model, logger_dir=None)
@@ -107,7 +114,7 @@ def main():
           "| wall time per run (s) |")
     print("|---|---|---|---|---|")
     vanilla = statistics.mean(results["vanilla"]["relaxed"])
-    for name, _ in RUNS:
+    for name, _ in runs:
         r = results[name]
         print(f"| {name} | {summary(r['relaxed'])} | {summary(r['exported'])} | "
               f"{statistics.mean(r['relaxed']) / vanilla:.3f} | {statistics.median(r['seconds']):.0f} |")

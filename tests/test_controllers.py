@@ -306,6 +306,28 @@ def test_recm_level_follows_the_field_not_the_batch_size_or_the_start():
     assert weak["0"] <= levels["0"] / 3 and all(g <= 0.05 for g in weak.values()), (weak, levels)
 
 
+@pytest.mark.parametrize("warmup", [0.5, 0.0])
+def test_recm_warmup_moves_from_the_start_to_the_measured_level(warmup):
+    """γ = (1 − w)·γ0 + w·level, w rising linearly to 1 at ``warmup`` × the budget (w = 1 throughout by default):
+    at the first probe the maps are still zero (measured level 0); from then on the measured level alone."""
+    torch.manual_seed(0)
+    model = gated_e3nn_model()
+    handle = equirelax.relax(model, "recm", total_steps=80, warmup=warmup)
+    opt = handle.wrap(torch.optim.Adam(model.parameters(), 1e-2))
+    x, y = make_task("field", 64)
+    levels = []
+    for _ in range(80):
+        opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        opt.step()
+        levels.append(handle.levels())
+    first = 1 - 4 / 40 if warmup else 0.0  # the 4th step probes first: w = 4 / (0.5 · 80)
+    assert all(levels[3][name] == pytest.approx(first, abs=1e-12) for name in levels[3]), levels[3]
+    assert all(levels[2][name] == 1.0 for name in levels[2])  # no probe yet: γ0
+    gaps = {name[len("recm/gap/"):]: v for name, v in handle.metrics().items() if name.startswith("recm/gap/")}
+    assert levels[-1] == pytest.approx({name: min(1.0, gap / 0.05) for name, gap in gaps.items()}, abs=1e-6)
+
+
 @pytest.mark.parametrize("n,batch", [(256, 64), (2048, 64), (2048, 256), (131072, 64)])
 def test_recm_recovers_equivariance_on_symmetric_data(n, batch):
     """Finite training sets of 256 and 2048 samples trained for 6 to 190 epochs, and a stream of fresh data."""

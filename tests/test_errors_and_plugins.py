@@ -32,6 +32,8 @@ def test_unknown_controller_option(model):
         ("recm", {"tau": -1.0}, "tau"),
         ("recm", {"probe_every": 1}, "probe_every"),
         ("recm", {"gamma0": 2.0}, "gamma0"),
+        ("recm", {"warmup": 1.5}, "warmup"),
+        ("recm", {"warmup": -0.1}, "warmup"),
     ],
 )
 def test_bad_controller_options(model, controller, options, message):

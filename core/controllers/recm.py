@@ -7,7 +7,8 @@ symmetry gap that layer sees; no target level is given.
 
 Probe. Each relaxed layer gets two probe maps V_a, V_b of rank ``probe_rank``
 (V = B·A, B starting at zero, so V does too; a low rank keeps them from fitting
-a finite training set's own orientations, which a dense map does). Every ``probe_every``-th training step is a probing step: the layer
+a finite training set's own orientations, which a dense map does). Every
+``probe_every``-th training step is a probing step: the layer
 computes f_eq(x) + γ·P(W)x + P⊥(V)x, i.e. the branch's non-equivariant part is
 replaced by V's (V_a on the first half of the rows, V_b on the second), at full
 strength whatever γ is (the branch is not trained on that step; the host model
@@ -39,6 +40,15 @@ relaxed. γ starts at ``gamma0`` and, from the first probe on, is set by the dat
 whatever it started at: bounded by the gap, → 0 where the data asks for no
 correction beyond the probes' noise.
 
+Warm-up (option ``warmup``, off by default). The probe maps start at zero and
+need a few hundred steps to agree on a correction, so the gap reads 0 early
+whatever the data, and γ follows it from the first probe on: in a short run the
+branch may then have few steps left to learn once the gap shows. With ``warmup``
+= f > 0, γ = (1 − w)·γ0 + w·min(1, s/τ), w rising linearly from 0 to 1 over the
+first f of the budget; from then on the data alone sets the level. Measured
+(f = 0.5, BENCHMARKS.md): better in short MACE, NequIP and N-body fine-tunes,
+worse in the plain e3nn loops (160 and 1500 steps), so it is not the default.
+
 What it cannot tell apart:
 - an equivariant target sampled in a few fixed frames (a small set whose
   orientations are not spread out) from a real broken symmetry: to the model the
@@ -61,11 +71,14 @@ from .base import Controller
 
 class RECM(Controller):
     name = "recm"
-    defaults = {"probe_every": 4, "tau": 0.05, "horizon": 0.2, "gamma0": 1.0, "probe_rank": 2}
+    defaults = {"probe_every": 4, "tau": 0.05, "horizon": 0.2, "gamma0": 1.0, "probe_rank": 2, "warmup": 0.0}
     needs_probe = True
 
     def validate(self):
         self._positive("tau", "horizon")
+        self._positive("warmup", allow_zero=True)
+        if self.options["warmup"] > 1:
+            raise ValueError(f"equirelax: recm option 'warmup' must be in [0, 1], got {self.options['warmup']!r}")
         rank = self.options["probe_rank"]
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"equirelax: recm option 'probe_rank' must be a positive integer, got {rank!r}")
@@ -98,6 +111,12 @@ class RECM(Controller):
         probes = handle.require_total_steps("recm") / self.options["probe_every"]
         return 1.0 / (1.0 + self.options["horizon"] * probes)
 
+    def trust(self, handle) -> float:
+        """The share of γ the measured level sets: 1, or with ``warmup`` > 0 rising linearly from 0 to 1 over
+        that fraction of the budget (the rest is ``gamma0``)."""
+        warmup = self.options["warmup"] * handle.require_total_steps("recm")
+        return 1.0 if warmup <= 0 else min(1.0, (self.steps + 1) / warmup)
+
     def gap(self, layer) -> torch.Tensor:
         """s = √max(0, EMA(b²) − 2·EMA(ν²)/√p), the EMAs bias-corrected."""
         weight = layer.state("gap_weight").clamp(min=1e-12)
@@ -127,7 +146,8 @@ class RECM(Controller):
             return
         sums = [torch.stack(triple).to(torch.float64) for triple in measured.values()]
         all_reduce_(sums, average=False)  # data parallel: the global batch's rows
-        tau = self.options["tau"]
+        tau, gamma0 = self.options["tau"], self.options["gamma0"]
+        trust = self.trust(handle)
         with torch.no_grad():
             for (name, _), triple in zip(measured.items(), sums):
                 layer = self.layers[name]
@@ -139,7 +159,7 @@ class RECM(Controller):
                     state.copy_(self.keep_if(finite, (1 - a) * state + a * value, state))
                 weight = layer.state("gap_weight")
                 weight.copy_(self.keep_if(finite, (1 - a) * weight + a, weight))
-                gamma_new = torch.clamp(self.gap(layer) / tau, max=1.0)
+                gamma_new = trust * torch.clamp(self.gap(layer) / tau, max=1.0) + (1 - trust) * gamma0
                 layer.gamma.copy_(self.keep_if(finite, gamma_new, layer.gamma))
 
     @hookimpl

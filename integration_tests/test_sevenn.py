@@ -298,16 +298,19 @@ def test_relaxed_run_at_gamma_zero_trains_bit_for_bit_like_sevenn(sevenn_run, tm
             shutil.copy(sevenn_run / name, directory / name)
     _input_yaml(runs["plain"], "input.yaml")
     _input_yaml(runs["zero"], "input.yaml", relax={"controller": "fixed", "options": {"gamma": 0.0}})
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    # one thread: with two, two runs of sevenn itself on a busy machine differ in the last bits (measured)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     plain = subprocess.run([str(Path(sys.executable).parent / "sevenn"), "input.yaml", "-s"], cwd=runs["plain"],
                            capture_output=True, text=True, timeout=900, env=env)
-    zero = _equirelax_sevenn(runs["zero"], "input.yaml")
+    zero = subprocess.run([str(Path(sys.executable).parent / "equirelax-sevenn"), "input.yaml", "-s"],
+                          cwd=runs["zero"], capture_output=True, text=True, timeout=900, env=env)
     assert plain.returncode == 0 and zero.returncode == 0, (plain.stderr[-2000:], zero.stderr[-2000:])
     states = {name: torch.load(directory / "checkpoint_best.pth", map_location="cpu",
                                weights_only=False)["model_state_dict"] for name, directory in runs.items()}
     assert states["plain"].keys() == states["zero"].keys()  # the exported checkpoint is a plain one
-    assert all(torch.equal(states["plain"][k], states["zero"][k]) for k in states["plain"]), \
-        [k for k in states["plain"] if not torch.equal(states["plain"][k], states["zero"][k])]
+    differ = {k: float((states["plain"][k] - states["zero"][k]).abs().max()) for k in states["plain"]
+              if not torch.equal(states["plain"][k], states["zero"][k])}
+    assert not differ, differ
 
 
 def test_resuming_a_relaxed_sevenn_run_restores_the_controller(sevenn_run, tmp_path):

@@ -243,9 +243,9 @@ def _input_yaml(directory, name, relax=None, **train):
     (directory / name).write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def _equirelax_sevenn(directory, *arguments):
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return subprocess.run([str(Path(sys.executable).parent / "equirelax-sevenn"), *arguments, "-s"], cwd=directory,
+def _sevenn_cli(directory, *arguments, command="equirelax-sevenn", threads=2):
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.run([str(Path(sys.executable).parent / command), *arguments, "-s"], cwd=directory,
                           capture_output=True, text=True, timeout=900, env=env)
 
 
@@ -260,7 +260,7 @@ def sevenn_run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("sevenn")
     _sevenn_data(directory)
     _input_yaml(directory, "input.yaml", relax={"controller": "ace"})
-    result = _equirelax_sevenn(directory, "input.yaml")
+    result = _sevenn_cli(directory, "input.yaml")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return directory
 
@@ -299,11 +299,8 @@ def test_relaxed_run_at_gamma_zero_trains_bit_for_bit_like_sevenn(sevenn_run, tm
     _input_yaml(runs["plain"], "input.yaml")
     _input_yaml(runs["zero"], "input.yaml", relax={"controller": "fixed", "options": {"gamma": 0.0}})
     # one thread: with two, two runs of sevenn itself on a busy machine differ in the last bits (measured)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    plain = subprocess.run([str(Path(sys.executable).parent / "sevenn"), "input.yaml", "-s"], cwd=runs["plain"],
-                           capture_output=True, text=True, timeout=900, env=env)
-    zero = subprocess.run([str(Path(sys.executable).parent / "equirelax-sevenn"), "input.yaml", "-s"],
-                          cwd=runs["zero"], capture_output=True, text=True, timeout=900, env=env)
+    plain = _sevenn_cli(runs["plain"], "input.yaml", command="sevenn", threads=1)
+    zero = _sevenn_cli(runs["zero"], "input.yaml", threads=1)
     assert plain.returncode == 0 and zero.returncode == 0, (plain.stderr[-2000:], zero.stderr[-2000:])
     states = {name: torch.load(directory / "checkpoint_best.pth", map_location="cpu",
                                weights_only=False)["model_state_dict"] for name, directory in runs.items()}
@@ -326,7 +323,7 @@ def test_resuming_a_relaxed_sevenn_run_restores_the_controller(sevenn_run, tmp_p
     config["train"]["continue"] = {"checkpoint": "checkpoint_1.pth", "reset_optimizer": False,
                                    "reset_scheduler": False, "reset_epoch": False}
     (tmp_path / "resume.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    result = _equirelax_sevenn(tmp_path, "resume.yaml")
+    result = _sevenn_cli(tmp_path, "resume.yaml")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     levels, steps = _levels(tmp_path / "checkpoint_2.pth")
     assert set(steps.values()) == {8}  # counted on from the checkpoint's 4, not from 0

@@ -1,6 +1,6 @@
 """Relaxed vs vanilla e3nn training on generated data: accuracy per controller, and step time.
 
-    python benchmarks/e3nn_synthetic.py accuracy [--steps N] [--seeds K]
+    python benchmarks/e3nn_synthetic.py accuracy [--steps N] [--seeds K] [--runs vanilla fixed recm]
     python benchmarks/e3nn_synthetic.py speed [--repeats K]
     python benchmarks/e3nn_synthetic.py ace
     python benchmarks/e3nn_synthetic.py recm
@@ -87,6 +87,8 @@ def accuracy(args):
         print("| model | relaxed | exported (merged, equivariant) | final γ per layer | exported eq. error |")
         print("|---|---|---|---|---|")
         for label, controller, options in CONTROLLERS:
+            if args.runs and label not in args.runs:
+                continue
             rows = [run_accuracy(kind, label, controller, options, args.steps, seed) for seed in range(args.seeds)]
 
             def fmt(key):
@@ -260,6 +262,7 @@ def main():
     acc = sub.add_parser("accuracy")
     acc.add_argument("--steps", type=int, default=1500)
     acc.add_argument("--seeds", type=int, default=3)
+    acc.add_argument("--runs", nargs="+", help="only these rows (labels, e.g. vanilla recm)")
     spd = sub.add_parser("speed")
     spd.add_argument("--repeats", type=int, default=5)
     spd.add_argument("--steps", type=int, default=20)

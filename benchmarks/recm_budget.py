@@ -1,7 +1,8 @@
 """RECM's levels against the run's budget, on the README's plain-loop example (field and symmetric data,
-512 samples, batch 64, Adam 1e-2, default options unless ``--options``), over model-initialisation seeds.
+512 samples, batch 64, Adam at ``--lr`` (1e-2), default options unless ``--options``), over model-initialisation
+seeds.
 
-    .venv-mace/bin/python benchmarks/recm_budget.py [--epochs 20 60] [--seeds 12] [--options '{"warmup": 0.5}']
+    .venv-mace/bin/python benchmarks/recm_budget.py [--epochs 20 60] [--seeds 12] [--lr 1e-2] [--options '{"warmup": 0.5}']
 
 Per budget and data: each layer's end level (median and range over seeds), how many seeds end with some
 layer above 0.1, the median share of epochs at whose end every level was 0, and the test MSE (median over
@@ -23,14 +24,14 @@ from equirelax.datasets.synthetic import gated_e3nn_model, make_task
 TARGETS = ["0", "2"]
 
 
-def run(kind: str, epochs: int, seed: int, options: dict):
+def run(kind: str, epochs: int, seed: int, options: dict, lr: float = 1e-2):
     """The README example with ``epochs`` epochs: (end levels, levels after each epoch, test MSE)."""
     torch.manual_seed(seed)
     model = gated_e3nn_model()
     x, y = make_task(kind, 512)
     handle = equirelax.relax(model, controller="recm", targets=TARGETS, branch="linear", total_steps=epochs * 8,
                              **options)
-    optimizer = handle.wrap(torch.optim.Adam(model.parameters(), lr=1e-2))
+    optimizer = handle.wrap(torch.optim.Adam(model.parameters(), lr=lr))
     history = []
     for _ in range(epochs):
         for i in range(0, 512, 64):
@@ -49,6 +50,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, nargs="+", default=[20, 60])
     parser.add_argument("--seeds", type=int, default=12)
+    parser.add_argument("--lr", type=float, default=1e-2, help="the host's Adam learning rate")
     parser.add_argument("--options", type=json.loads, default={}, help="RECM options (JSON)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -57,7 +59,7 @@ def main():
     print("|---|---|" + "---|" * len(TARGETS) + "---|---|---|")
     for kind in ("field", "symmetric"):
         for epochs in args.epochs:
-            runs = [run(kind, epochs, seed, args.options) for seed in range(args.seeds)]
+            runs = [run(kind, epochs, seed, args.options, args.lr) for seed in range(args.seeds)]
             cells = []
             for target in TARGETS:
                 ends = [levels[target] for levels, _, _ in runs]

@@ -125,14 +125,12 @@ class RelaxHandle:
         return {name: value for name, value in values.items() if value is not None}
 
     def parameters(self):
-        """Parameters equirelax added: branch weights, learnable γ and RECM's probe weights."""
+        """Parameters equirelax added for the host's optimizer: branch weights and learnable γ (RECM's probe
+        maps are buffers that RECM trains itself)."""
         for layer in self.layers.values():
             yield from layer.branch.parameters()
             if isinstance(layer.gamma, nn.Parameter):
                 yield layer.gamma
-            for name in ("probe_A", "probe_B"):
-                if layer._parameters.get(name) is not None:
-                    yield layer._parameters[name]
 
     def short_names(self) -> dict:
         """``{layer: short name}``: what logs, reports and plots call each layer (the adapter's short name;

@@ -61,7 +61,9 @@ class RelaxedLayer(nn.Module):
             self.register_buffer("gamma", value)
         self.capture_inputs = False
         self.probing = False  # a RECM probing step: the probe weight stands in for the branch (set by RECM)
-        self.probe_sums: tuple | None = None  # (⟨P⊥V_a x, P⊥V_b x⟩, ‖P⊥(V_a − V_b)x‖²/2, ‖f_eq(x)‖²) last probe
+        # last probe: (⟨P⊥V_a x, P⊥V_b x⟩, ‖P⊥(V_a − V_b)x‖²/2, ‖f_eq(x)‖², ‖P⊥V_a x‖², ‖P⊥V_b x‖²)
+        self.probe_sums: tuple | None = None
+        self.probe_leaves: tuple | None = None  # (A, B) leaves of the last probing step, for RECM's update
         self.cached_inputs: list[torch.Tensor] = []
         self.sample: tuple[torch.Tensor, torch.Tensor] | None = None  # (branch input, f_eq output) rows, last step
         self._positions: torch.Tensor | None = None
@@ -186,21 +188,27 @@ class RelaxedLayer(nn.Module):
         """Two maps V = B·A of rank ``rank`` (B zero, A random: V starts at zero) whose non-equivariant parts
         replace the branch's on probing steps, each fed one half of the batch's rows: their noise is
         independent, so ⟨V_a x, V_b x⟩ measures the correction the data asks for without the noise (see RECM).
-        A low rank keeps them from fitting a finite training set's own noise. Maps that exist already (a
-        handle re-attached to a copied or loaded model) keep their trained values."""
-        if self._parameters.get("probe_A") is not None:
+        A low rank keeps them from fitting a finite training set's own noise. They are buffers, not
+        parameters: RECM trains them itself (the host's optimizer, learning rate and schedule do not set
+        how fast its measurement settles). Maps that exist already (a handle re-attached to a copied or
+        loaded model) keep their trained values."""
+        for name in ("probe_A", "probe_B"):  # models saved when the maps were parameters
+            if self._parameters.get(name) is not None:
+                self.register_buffer(name, self._parameters.pop(name).detach())
+        if self._buffers.get("probe_A") is not None:
             return
         d_out, d_in = self.irreps_out.dim, self.branch_irreps_in.dim
         generator = torch.Generator().manual_seed(0)
         A = torch.randn(2, rank, d_in, generator=generator, dtype=torch.float64) / d_in**0.5
         B = torch.zeros(2, d_out, rank, dtype=torch.float64)
         for name, value in (("probe_A", A), ("probe_B", B)):
-            self.register_parameter(name, nn.Parameter(value.to(dtype=self.gamma.dtype, device=self.gamma.device)))
+            self.register_buffer(name, value.to(dtype=self.gamma.dtype, device=self.gamma.device))
 
     @property
     def probe_weight(self) -> torch.Tensor | None:
-        """The two probe maps [2, d_out, d_in] (None: no RECM on this layer)."""
-        A, B = self._parameters.get("probe_A"), self._parameters.get("probe_B")
+        """The two probe maps [2, d_out, d_in] (None: no RECM on this layer), in units of the layer's
+        output-to-input scale (see ``probing_forward``)."""
+        A, B = self._buffers.get("probe_A"), self._buffers.get("probe_B")
         return None if A is None else B @ A
 
     def probing_forward(self, out: torch.Tensor, x: torch.Tensor, recording: bool) -> torch.Tensor:
@@ -210,7 +218,14 @@ class RelaxedLayer(nn.Module):
         their block scalars and the probe maps through their rank, so a probing step costs about what a plain
         one does (forming the dense maps made it ~1.6× a plain MACE step)."""
         rows = x.reshape(-1, x.shape[-1])
-        A, B = self.probe_A, self.probe_B
+        # leaves for this step's backward: RECM reads their gradients and updates the buffers itself
+        A, B = self.probe_A.detach().requires_grad_(recording), self.probe_B.detach().requires_grad_(recording)
+        if recording:
+            self.probe_leaves = (A, B)
+        # V acts in units of rms(f_eq(x)) / rms(x): B's entries are then corrections relative to the layer's
+        # output whatever the data's units, so RECM's step size means the same on every layer and host
+        tiny = torch.finfo(out.dtype).tiny
+        scale = (out.detach().pow(2).mean().clamp(min=tiny) / rows.detach().pow(2).mean().clamp(min=tiny)).sqrt()
         # small maps: a few dense ops cost less than a handful per irrep type; raw-position columns: the dense
         # projection zeroes them
         if self.uses_positions or B.shape[-2] * A.shape[-1] < self.BLOCKWISE_PROBE_ENTRIES:
@@ -230,11 +245,13 @@ class RelaxedLayer(nn.Module):
             first, second = (nn.functional.linear(nn.functional.linear(rows, A[k]), B[k]) - applied[k]
                              for k in (0, 1))
             kept = applied[2] if self.has_projection else None
+        first, second = scale * first, scale * second
         half = rows.shape[0] // 2
         correction = torch.cat([first[:half], second[half:]])
         if recording:
             first, second = first.detach(), second.detach()
-            self.probe_sums = ((first * second).sum(), (first - second).pow(2).sum() / 2, out.detach().pow(2).sum())
+            self.probe_sums = ((first * second).sum(), (first - second).pow(2).sum() / 2, out.detach().pow(2).sum(),
+                               first.pow(2).sum(), second.pow(2).sum())
         if kept is not None:
             correction = correction + self.gamma.detach().to(x.dtype) * kept
         return out + correction.reshape(*x.shape[:-1], -1)
@@ -243,7 +260,7 @@ class RelaxedLayer(nn.Module):
     def forward(self, *args, **kwargs):
         out = self.base(*args, **kwargs)
         recording = self.training and torch.is_grad_enabled()
-        probing = self.probing and self.training and self._parameters.get("probe_A") is not None
+        probing = self.probing and self.training and self._buffers.get("probe_A") is not None
         if self.mode == "equivariant" and not probing:
             return out
         x = self.branch_input(args)
@@ -271,7 +288,7 @@ class RelaxedLayer(nn.Module):
         # per-step caches and device-side index copies are not part of a saved model
         state = self.__dict__.copy()
         state.update(cached_inputs=[], _positions=None, _projector=None, _handle=None, sample=None, probe_sums=None,
-                     tapped_weight=None)
+                     probe_leaves=None, tapped_weight=None)
         state.update(probing=False)  # a saved model is never mid-probe; RECM sets it on resume
         return state
 

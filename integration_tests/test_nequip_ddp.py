@@ -36,7 +36,7 @@ def ddp_runs(tmp_path_factory):
             relax={"controller": controller, "options": options, "init": "random"},
             callbacks=[{"_target_": "rank_state.SaveRankState", "directory": str(directory)}],
         )
-        # RECM's probing steps leave the branches out of the graph (and its probe maps out of the others)
+        # RECM's probing steps leave the branches out of the graph
         config["trainer"].update(devices=2, strategy="ddp_find_unused_parameters_true" if controller == "recm"
                                  else "ddp")
         write_config(directory, "config", config)

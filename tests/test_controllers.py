@@ -328,6 +328,61 @@ def test_recm_warmup_moves_from_the_start_to_the_measured_level(warmup):
     assert levels[-1] == pytest.approx({name: min(1.0, gap / 0.05) for name, gap in gaps.items()}, abs=1e-6)
 
 
+@pytest.mark.parametrize("host_lr,loss_scale", [(1e-3, 1.0), (1e-1, 1.0), (1e-2, 1e3)])
+def test_recm_trains_its_probe_maps_itself_whatever_the_host_optimizer(host_lr, loss_scale):
+    """The probe maps are buffers the host's optimizer never holds; RECM's own Adam moves each entry of B by
+    exactly ``probe_lr`` on its first update (B starts at zero), whatever the host's learning rate or loss scale."""
+    torch.manual_seed(0)
+    model = gated_e3nn_model()
+    handle = equirelax.relax(model, "recm", total_steps=40)
+    assert not any("probe_" in name for name, _ in model.named_parameters())
+    opt = handle.wrap(torch.optim.Adam(model.parameters(), lr=host_lr))
+    x, y = make_task("field", 64)
+    for _ in range(4):  # the 4th step is the first probing step
+        opt.zero_grad()
+        (loss_scale * (model(x) - y).pow(2).mean()).backward()
+        opt.step()
+    assert not any("probe_" in name for group in opt.param_groups for p in group["params"]
+                   for name, q in model.named_buffers() if q is p)
+    for layer in handle.layers.values():
+        moved = layer.probe_B[layer.probe_B != 0].abs()
+        assert moved.numel() > 0.5 * layer.probe_B.numel()
+        assert torch.allclose(moved, torch.full_like(moved, 0.01), rtol=1e-4), moved
+
+
+def _probe_sizes(model, handle, x):
+    """‖P⊥V_k x‖ / ‖f_eq(x)‖ of each layer's two probe maps on ``x`` (a probing forward, nothing trained)."""
+    for layer in handle.layers.values():
+        layer.probing = True
+    model(x)
+    sizes = {name: [float((layer.probe_sums[k] / layer.probe_sums[2]).sqrt()) for k in (3, 4)]
+             for name, layer in handle.layers.items()}
+    for layer in handle.layers.values():
+        layer.probe_sums, layer.probe_leaves, layer.probing = None, None, False
+    return sizes
+
+
+@pytest.mark.parametrize("limit", [2.0, 1e6])
+def test_recm_probe_maps_stay_within_their_limit(limit):
+    """A level saturates at τ, so each probe map is kept at most ``probe_limit`` × τ of the layer's output
+    (under a slowly learning host the two maps otherwise grow to the size of the output itself)."""
+    torch.manual_seed(0)
+    model = gated_e3nn_model()
+    handle = equirelax.relax(model, "recm", total_steps=240, probe_limit=limit)
+    opt = handle.wrap(torch.optim.Adam(model.parameters(), lr=1e-3))
+    x, y = make_task("field", 512)
+    for _ in range(30):
+        for i in range(0, 512, 64):
+            opt.zero_grad()
+            (model(x[i:i + 64]) - y[i:i + 64]).pow(2).mean().backward()
+            opt.step()
+    largest = max(max(pair) for pair in _probe_sizes(model, handle, x).values())
+    if limit == 2.0:
+        assert largest <= 1.5 * 2.0 * 0.05, largest  # (the step after the last scaling adds to it)
+    else:
+        assert largest > 0.3, largest  # what the limit prevents
+
+
 @pytest.mark.parametrize("n,batch", [(256, 64), (2048, 64), (2048, 256), (131072, 64)])
 def test_recm_recovers_equivariance_on_symmetric_data(n, batch):
     """Finite training sets of 256 and 2048 samples trained for 6 to 190 epochs, and a stream of fresh data."""

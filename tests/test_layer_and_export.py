@@ -275,8 +275,9 @@ def test_a_checkpoint_with_another_branch_kind_names_the_setting():
 @pytest.mark.parametrize("blockwise", [True, False])
 @pytest.mark.parametrize("branch", ["linear", "lowrank"])
 def test_a_recm_probing_step_computes_the_dense_formula(branch, blockwise, monkeypatch):
-    """f_eq(x) + γ·P(W)x + P⊥(V)x, V_a on the first half of the rows and V_b on the rest, with the probe sums
-    and the probe maps' gradients, whether the maps are applied densely or through their rank (large layers)."""
+    """f_eq(x) + γ·P(W)x + c·P⊥(V)x, V_a on the first half of the rows and V_b on the rest, c = rms(f_eq(x)) /
+    rms(x), with the probe sums and the probe maps' gradients (on the leaves RECM reads), whether the maps are
+    applied densely or through their rank (large layers)."""
     from equirelax.core.layer import RelaxedLayer
 
     monkeypatch.setattr(RelaxedLayer, "BLOCKWISE_PROBE_ENTRIES", 0 if blockwise else 10**9)
@@ -292,15 +293,17 @@ def test_a_recm_probing_step_computes_the_dense_formula(branch, blockwise, monke
     x = torch.randn(10, 7, 30, dtype=torch.float64)
     layer.probing = True
     probed = layer(x)
-    grads = torch.autograd.grad(probed.pow(2).sum(), (layer.probe_A, layer.probe_B))
+    grads = torch.autograd.grad(probed.pow(2).sum(), layer.probe_leaves)
     rows = x.reshape(-1, 30)
-    V = layer.probe_B @ layer.probe_A
+    A, B = (t.detach().requires_grad_() for t in (layer.probe_A, layer.probe_B))
+    V = B @ A
     off = V - layer.projector(V)
-    first, second = rows @ off[0].T, rows @ off[1].T
+    scale = (layer.base(x).pow(2).mean() / x.pow(2).mean()).sqrt().detach()
+    first, second = scale * rows @ off[0].T, scale * rows @ off[1].T
     expected = layer.base(x) + torch.cat([first[:35], second[35:]]).reshape(10, 7, -1) \
         + 0.7 * x @ layer.projector(layer.branch.weight.detach()).T
     assert torch.allclose(probed, expected, atol=1e-12)
-    assert float(layer.probe_sums[0]) == pytest.approx(float((first * second).sum()), rel=1e-12)
-    assert float(layer.probe_sums[1]) == pytest.approx(float((first - second).pow(2).sum() / 2), rel=1e-12)
-    expected_grads = torch.autograd.grad(expected.pow(2).sum(), (layer.probe_A, layer.probe_B))
+    assert float(layer.probe_sums[0]) == pytest.approx(float((first * second).sum().detach()), rel=1e-12)
+    assert float(layer.probe_sums[1]) == pytest.approx(float((first - second).pow(2).sum().detach() / 2), rel=1e-12)
+    expected_grads = torch.autograd.grad(expected.pow(2).sum(), (A, B))
     assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(grads, expected_grads))

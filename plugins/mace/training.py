@@ -380,8 +380,8 @@ def distributed_setup(args, session: MaceSession | None = None):
     MACE initialises a process group only for CUDA/XPU and builds ``DDP(model,
     device_ids=[local_rank])``, which a CPU model refuses; on CPU this opens a
     gloo group (from torchrun's environment) and leaves ``device_ids`` out. On RECM's
-    probing steps its probe maps stand in for the branches and on the others they
-    rest, so DDP is told that some parameters may go unused in a step.
+    probing steps its probe maps stand in for the branches, which then go unused, so
+    DDP is told that some parameters may go unused in a step.
     """
     if not getattr(args, "distributed", False):
         yield

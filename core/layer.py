@@ -212,7 +212,7 @@ class RelaxedLayer(nn.Module):
         return None if A is None else B @ A
 
     def probing_forward(self, out: torch.Tensor, x: torch.Tensor, recording: bool) -> torch.Tensor:
-        """f_eq(x) + γ·P(W)x + P⊥(V)x: the branch's equivariant part kept (not trained here) and its
+        """f_eq(x) + γ·P(W)x + c·P⊥(V)x: the branch's equivariant part kept (not trained here) and its
         non-equivariant part replaced by a probe map V (V_a on the first half of the rows, V_b on the
         rest), trained at full strength whatever γ is. On large layers the projections are applied through
         their block scalars and the probe maps through their rank, so a probing step costs about what a plain
@@ -222,10 +222,11 @@ class RelaxedLayer(nn.Module):
         A, B = self.probe_A.detach().requires_grad_(recording), self.probe_B.detach().requires_grad_(recording)
         if recording:
             self.probe_leaves = (A, B)
-        # V acts in units of rms(f_eq(x)) / rms(x): B's entries are then corrections relative to the layer's
-        # output whatever the data's units, so RECM's step size means the same on every layer and host
+        # V acts in units of c = rms(f_eq(x)) / rms(x): B's entries are then corrections relative to the layer's
+        # output whatever the data's units, so RECM's step size means the same on every layer and host; c
+        # scales the small B, not the activations
         tiny = torch.finfo(out.dtype).tiny
-        scale = (out.detach().pow(2).mean().clamp(min=tiny) / rows.detach().pow(2).mean().clamp(min=tiny)).sqrt()
+        B = B * (out.detach().pow(2).mean().clamp(min=tiny) / rows.detach().pow(2).mean().clamp(min=tiny)).sqrt()
         # small maps: a few dense ops cost less than a handful per irrep type; raw-position columns: the dense
         # projection zeroes them
         if self.uses_positions or B.shape[-2] * A.shape[-1] < self.BLOCKWISE_PROBE_ENTRIES:
@@ -245,7 +246,6 @@ class RelaxedLayer(nn.Module):
             first, second = (nn.functional.linear(nn.functional.linear(rows, A[k]), B[k]) - applied[k]
                              for k in (0, 1))
             kept = applied[2] if self.has_projection else None
-        first, second = scale * first, scale * second
         half = rows.shape[0] // 2
         correction = torch.cat([first[:half], second[half:]])
         if recording:

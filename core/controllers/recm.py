@@ -180,14 +180,13 @@ class RECM(Controller):
                 for key, grad in zip(("A", "B"), grads):
                     m, v, weight = (layer.state(f"probe_m{key}"), layer.state(f"probe_v{key}"),
                                     layer._buffers[f"probe_{key}"])
-                    grad = torch.where(ok, grad, torch.zeros_like(grad))
-                    m.copy_(torch.where(ok, beta1 * m + (1 - beta1) * grad, m))
-                    v.copy_(torch.where(ok, beta2 * v + (1 - beta2) * grad * grad, v))
+                    m.copy_(self.keep_if(ok, beta1 * m + (1 - beta1) * grad, m))
+                    v.copy_(self.keep_if(ok, beta2 * v + (1 - beta2) * grad * grad, v))
                     step = lr * (m / (1 - beta1**n)) / ((v / (1 - beta2**n)).sqrt() + 1e-30)
-                    weight.sub_(torch.where(ok, step, torch.zeros_like(step)).to(weight.dtype))
+                    weight.copy_(self.keep_if(ok, weight - step.to(weight.dtype), weight))
                 if name in sizes:
                     shrink = torch.clamp(self.options["probe_limit"] * self.options["tau"] / sizes[name], max=1.0)
-                    shrink = torch.where(ok & torch.isfinite(shrink), shrink, torch.ones_like(shrink))
+                    shrink = self.keep_if(ok & torch.isfinite(shrink), shrink, torch.ones_like(shrink))
                     layer.probe_B.mul_(shrink.to(layer.probe_B.dtype).view(2, 1, 1))
 
     @hookimpl

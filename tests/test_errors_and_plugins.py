@@ -34,6 +34,8 @@ def test_unknown_controller_option(model):
         ("recm", {"gamma0": 2.0}, "gamma0"),
         ("recm", {"warmup": 1.5}, "warmup"),
         ("recm", {"warmup": -0.1}, "warmup"),
+        ("recm", {"probe_lr": 0.0}, "probe_lr"),
+        ("recm", {"probe_limit": -1.0}, "probe_limit"),
     ],
 )
 def test_bad_controller_options(model, controller, options, message):

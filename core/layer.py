@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -87,9 +89,13 @@ class RelaxedLayer(nn.Module):
             self._projector = HaarProjector(self.branch_irreps_in, self.irreps_out, self.group)
         return self._projector
 
-    def add_state(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        """Register (or reset) a controller buffer ``ctrl_<name>`` on this layer."""
+    def add_state(self, name: str, value: torch.Tensor, *, fresh_if_missing: bool = False) -> torch.Tensor:
+        """Register (or reset) a controller buffer ``ctrl_<name>`` on this layer. ``fresh_if_missing``: state
+        that a checkpoint written before it existed lacks; loading such a checkpoint keeps ``value`` (with a
+        warning) instead of failing the host's strict ``load_state_dict``."""
         key = f"ctrl_{name}"
+        if fresh_if_missing:
+            self.__dict__.setdefault("fresh_if_missing", set()).add(key)
         device = self.gamma.device
         value = value.to(device)
         if key in self._buffers:
@@ -303,6 +309,15 @@ class RelaxedLayer(nn.Module):
             raise ValueError(f"equirelax: {prefix.rstrip('.') or 'the layer'} was saved with a {found} branch but "
                              f"this model builds a {kind} branch; set branch: {found} in the relax settings (the "
                              "default branch is lowrank; earlier versions defaulted to linear)")
+        if any(key.startswith(prefix + "ctrl_") for key in state_dict):  # a relaxed checkpoint, maybe an older one
+            fresh = self.__dict__.get("fresh_if_missing", ())
+            missing = sorted(key for key in fresh if prefix + key not in state_dict)
+            for key in missing:
+                state_dict[prefix + key] = self._buffers[key].detach().clone()
+            if missing:
+                warnings.warn(f"equirelax: {prefix.rstrip('.') or 'the layer'}: the checkpoint has no "
+                              f"{', '.join(missing)} (saved by an earlier version); that controller state starts "
+                              "afresh", stacklevel=2)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

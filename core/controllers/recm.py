@@ -115,9 +115,10 @@ class RECM(Controller):
             layer.add_state("steps", torch.zeros((), dtype=torch.long))
             for key in ("A", "B"):  # the probe maps' Adam moments; float64, as a float32 v underflows at grad ~1e-20
                 weight = layer._buffers[f"probe_{key}"]
-                layer.add_state(f"probe_m{key}", torch.zeros_like(weight, dtype=torch.float64))
-                layer.add_state(f"probe_v{key}", torch.zeros_like(weight, dtype=torch.float64))
-            layer.add_state("probe_updates", torch.zeros((), dtype=torch.long))
+                for moment in ("m", "v"):  # (checkpoints written while the maps were host parameters lack them)
+                    layer.add_state(f"probe_{moment}{key}", torch.zeros_like(weight, dtype=torch.float64),
+                                    fresh_if_missing=True)
+            layer.add_state("probe_updates", torch.zeros((), dtype=torch.long), fresh_if_missing=True)
         self.steps = 0
         self._set_probing()
 

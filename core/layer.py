@@ -243,15 +243,16 @@ class RelaxedLayer(nn.Module):
                     if self.has_projection else None)
         else:
             projector = self.projector
-            maps = [projector.lowrank_coefficients(B[k], A[k]) for k in (0, 1)]
-            if self.has_projection:  # the branch's equivariant part, through its rank when it has one
-                branch = self.branch
-                maps.append(projector.lowrank_coefficients(branch.B.detach(), branch.A.detach())
-                            if isinstance(branch, LowRankBranch) else projector.coefficients(branch.weight.detach()))
-            applied = projector.apply_coefficients(maps, rows)
-            first, second = (nn.functional.linear(nn.functional.linear(rows, A[k]), B[k]) - applied[k]
+            projected = projector.apply_lowrank(B, A, rows)  # the probe maps' equivariant parts, through rank 2
+            first, second = (nn.functional.linear(nn.functional.linear(rows, A[k]), B[k]) - projected[k]
                              for k in (0, 1))
-            kept = applied[2] if self.has_projection else None
+            kept = None
+            if self.has_projection:  # the branch's equivariant part, its block scalars through its rank if any
+                branch = self.branch
+                kept = projector.apply_coefficients(
+                    [projector.lowrank_coefficients(branch.B.detach(), branch.A.detach())
+                     if isinstance(branch, LowRankBranch) else projector.coefficients(branch.weight.detach())],
+                    rows)[0]
         half = rows.shape[0] // 2
         correction = torch.cat([first[:half], second[half:]])
         if recording:

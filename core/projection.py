@@ -27,6 +27,13 @@ class HaarProjector:
         blocks_out = irrep_blocks(self.irreps_out, group)
         # (out copies [Co, d], in copies [Ci, d]) for every irrep type present on both sides
         self.blocks = [(blocks_out[key], blocks_in[key]) for key in blocks_out if key in blocks_in]
+        # (first out column, first in column) of each type whose copies are one run of columns on both sides,
+        # as e3nn lays out simplified irreps: blocks are then slices and views, not gathers and scatters
+        starts = [(int(rows[0, 0]), int(cols[0, 0])) for rows, cols in self.blocks]
+        self.slices = starts if all(
+            torch.equal(rows.flatten(), torch.arange(o, o + rows.numel()))
+            and torch.equal(cols.flatten(), torch.arange(i, i + cols.numel()))
+            for (rows, cols), (o, i) in zip(self.blocks, starts)) else None
         self._on_device = {}
 
     def _blocks(self, device):
@@ -67,21 +74,61 @@ class HaarProjector:
             P[..., rows, cols] = c[..., None].expand(*c.shape, d)
         return P
 
+    def _copies(self, x: torch.Tensor, index: int, side: str) -> torch.Tensor:
+        """The copies of block ``index``'s irrep in the last axis of x (``side`` "in" or "out"): [..., C, d]."""
+        rows, cols, d = self._blocks(x.device)[index]
+        if self.slices is None:
+            return x[..., rows[:, 0, :]] if side == "out" else x[..., cols[0]]
+        start, copies = (self.slices[index][0], rows.shape[0]) if side == "out" else (self.slices[index][1],
+                                                                                     cols.shape[1])
+        return x[..., start:start + copies * d].unflatten(-1, (copies, d))
+
+    def _assemble(self, blocks: list, like: torch.Tensor) -> torch.Tensor:
+        """``[k, n, dim_out]`` from each block's ``[k, n, Co, d]`` output; other columns zero."""
+        k, n = blocks[0].shape[:2] if blocks else (like.shape[0], like.shape[1])
+        if self.slices is None:
+            y = like.new_zeros(k, n, self.irreps_out.dim)
+            for (rows, _, _), block in zip(self._blocks(like.device), blocks):
+                y[:, :, rows[:, 0, :]] = block
+            return y
+        parts, column = [], 0  # slices in column order, zeros between them: a cat, no scatter
+        for (start, _), block in sorted(zip(self.slices, blocks), key=lambda pair: pair[0][0]):
+            if start > column:
+                parts.append(like.new_zeros(k, n, start - column))
+            parts.append(block.flatten(-2))
+            column = start + parts[-1].shape[-1]
+        if column < self.irreps_out.dim:
+            parts.append(like.new_zeros(k, n, self.irreps_out.dim - column))
+        return torch.cat(parts, -1)
+
     def lowrank_coefficients(self, B: torch.Tensor, A: torch.Tensor):
         """``coefficients(B @ A)`` without forming B·A (B [dim_out, r], A [r, dim_in]): each block's trace
         contracted through the rank."""
         self._check_shape((B.shape[-2], A.shape[-1]))
-        return [torch.einsum("adr,rbd->ab", B[rows[:, 0, :]], A[:, cols[0]]) / d
-                for rows, cols, d in self._blocks(B.device)]
+        return [torch.einsum("adr,rbd->ab", self._copies(B.transpose(-1, -2), index, "out").movedim(0, -1),
+                             self._copies(A, index, "in")) / d
+                for index, (_, _, d) in enumerate(self._blocks(B.device))]
 
     def apply_coefficients(self, maps: list, x: torch.Tensor) -> torch.Tensor:
         """k equivariant maps, each given by its block scalars (``coefficients`` or ``lowrank_coefficients``),
-        applied to rows ``x`` [n, dim_in]: ``[k, n, dim_out]``. Each irrep's copies of x are gathered once for
+        applied to rows ``x`` [n, dim_in]: ``[k, n, dim_out]``. Each irrep's copies of x are taken once for
         all k maps (Co·Ci·d per row and map, not dim_out·dim_in)."""
-        y = x.new_zeros(len(maps), x.shape[0], self.irreps_out.dim)
-        for (rows, cols, _), *blocks in zip(self._blocks(x.device), *maps):
-            y[:, :, rows[:, 0, :]] = torch.einsum("kab,nbd->knad", torch.stack(blocks), x[:, cols[0]])
-        return y
+        blocks = [torch.einsum("kab,nbd->knad", torch.stack(coefficients), self._copies(x, index, "in"))
+                  for index, coefficients in enumerate(zip(*maps))]
+        return self._assemble(blocks, x.new_empty(len(maps), x.shape[0]))
+
+    def apply_lowrank(self, B: torch.Tensor, A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """P(B_k·A_k) applied to rows ``x`` [n, dim_in] for k maps of rank r (B [k, dim_out, r], A [k, r,
+        dim_in]): ``[k, n, dim_out]``, through the rank: a block's scalars have rank ≤ r·d, so this costs
+        r·d·(Co + Ci)·d per row and map instead of Co·Ci·d (fewer for r·d small against the copies)."""
+        self._check_shape((B.shape[-2], A.shape[-1]))
+        blocks = []
+        for index, (_, _, d) in enumerate(self._blocks(x.device)):
+            # z[k, n, r, m, e] = Σ_b A[k, r, (b, m)] x[n, (b, e)]; out[k, n, a, e] = Σ_{r,m} B[k, (a, m), r] z / d
+            z = torch.einsum("krbm,nbe->knrme", self._copies(A, index, "in"), self._copies(x, index, "in"))
+            B_block = self._copies(B.transpose(-1, -2), index, "out")  # [k, r, Co, d]
+            blocks.append(torch.einsum("kram,knrme->knae", B_block, z) / d)
+        return self._assemble(blocks, x.new_empty(B.shape[0], x.shape[0]))
 
     def orthogonal_complement(self, W: torch.Tensor) -> torch.Tensor:
         """``W - P(W)``: the part of W that breaks the symmetry."""

@@ -52,6 +52,32 @@ def test_low_rank_projection_applies_the_dense_projection(irreps_in, irreps_out,
 
 
 @SETTINGS
+@given(irreps_strategy, irreps_strategy, st.sampled_from(["O3", "SO3"]), st.integers(1, 3), st.integers(0, 10**6))
+def test_projection_through_the_rank_applies_the_dense_projection(irreps_in, irreps_out, group, rank, seed):
+    """``apply_lowrank`` (RECM's probe maps on large layers), for irreps laid out in runs of columns (slices)
+    and not (gathers)."""
+    P = HaarProjector(irreps_in, irreps_out, group)
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(2, P.shape[0], rank, generator=g, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(2, rank, P.shape[1], generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, P.shape[1], generator=g, dtype=torch.float64, requires_grad=True)
+    fast = P.apply_lowrank(B, A, x)
+    dense = torch.stack([x @ P(B[k] @ A[k]).T for k in (0, 1)])
+    assert torch.allclose(fast, dense, atol=1e-12)
+    if not P.blocks:
+        return
+    fast_grads = torch.autograd.grad(fast.pow(2).sum(), (B, A, x))
+    dense_grads = torch.autograd.grad(dense.pow(2).sum(), (B, A, x))
+    assert all(torch.allclose(f, d, atol=1e-10) for f, d in zip(fast_grads, dense_grads))
+
+
+def test_blocks_are_slices_where_the_irreps_are_runs_of_columns():
+    assert HaarProjector("4x0e+2x1o", "3x0e+1x2e+2x1o").slices == [(0, 0), (8, 4)]
+    assert HaarProjector("4x0e+2x1o+1x0e", "3x0e").slices is None  # 0e in two runs: gathered
+    assert HaarProjector("2x1o+1x0e+2x1e", "1x1o", "SO3").slices is None  # one SO(3) type over two runs
+
+
+@SETTINGS
 @given(irreps_strategy, irreps_strategy, st.sampled_from(["O3", "SO3"]), st.integers(0, 10**6))
 def test_projected_map_commutes_with_wigner_matrices(irreps_in, irreps_out, group, seed):
     P = HaarProjector(irreps_in, irreps_out, group)

@@ -282,20 +282,28 @@ class RelaxedLayer(nn.Module):
             return out + gamma * self.projected_branch(x)
         if type(self.branch) is LinearBranch:  # fused: scale the small matrix, not the activations
             return out + nn.functional.linear(x, gamma * self.branch.weight)
-        weight = self.branch.weight if recording and self.__dict__.get("tap_dense_grad") else None
-        if weight is not None and weight.requires_grad:  # (a host's evaluation may freeze the parameters)
-            # the low-rank map applied as its dense W = B·A, so that backward leaves ∂J/∂W on it (ACE-resilient
-            # reads it); the branch still holds and trains only A and B
-            weight.retain_grad()
-            self.tapped_weight = weight
-            return out + nn.functional.linear(x, gamma * weight)
+        if recording and self.__dict__.get("tap_gradient") and self.branch.B.requires_grad:  # (a host's
+            return out + self.tapped_branch(x, gamma)  # evaluation may freeze the parameters: no tap then)
         return out + gamma * self.branch(x)
+
+    def tapped_branch(self, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """γ·f_neq(x) for a low-rank branch, plus two zero leaves from whose gradients ACE-resilient reads
+        ∂J/∂W along W's parts without forming the dense W (H: the gradient on the map the layer adds):
+        ``shift`` (added to γ) gets ⟨H, W⟩, and ``blocks`` (block scalars of an equivariant map, applied as
+        zero) get H's block traces, so ⟨H, P(W)⟩ = Σ ⟨∂J/∂blocks, blocks of W⟩. Both take every path to the
+        loss (forces included), as a dense W's gradient does, at the cost of one equivariant map per row."""
+        shift = torch.zeros((), dtype=x.dtype, device=x.device, requires_grad=True)
+        blocks = [torch.zeros(out_idx.shape[0], in_idx.shape[0], dtype=x.dtype, device=x.device, requires_grad=True)
+                  for out_idx, in_idx in self.projector.blocks]
+        self.tapped = (shift, blocks)
+        zero = self.projector.apply_coefficients([blocks], x.reshape(-1, x.shape[-1]))[0]
+        return (gamma + shift) * self.branch(x) + zero.reshape(*x.shape[:-1], -1)
 
     def __getstate__(self):
         # per-step caches and device-side index copies are not part of a saved model
         state = self.__dict__.copy()
         state.update(cached_inputs=[], _positions=None, _projector=None, _handle=None, sample=None, probe_sums=None,
-                     probe_leaves=None, tapped_weight=None)
+                     probe_leaves=None, tapped=None)
         state.update(probing=False)  # a saved model is never mid-probe; RECM sets it on resume
         return state
 

@@ -226,9 +226,11 @@ def test_ace_resilient_closes_on_symmetric_data_in_a_short_fine_tune():
     assert all(abs(g) <= 1e-2 for g in handle.levels().values()), handle.levels()
 
 
-def test_ace_resilient_reads_a_low_rank_branch_as_its_dense_map():
+@pytest.mark.parametrize("forces", [False, True])
+def test_ace_resilient_reads_a_low_rank_branch_as_its_dense_map(forces):
     """The consistency signal is ∂J/∂γ along the branch's non-equivariant part, ⟨∂J/∂W, P⊥W⟩/γ: for a low-rank
-    branch the same number as for a dense branch holding W = B·A."""
+    branch the same number as for a dense branch holding W = B·A, also through a loss on the input gradient
+    (as forces are), which the layer's zero leaves see as W's gradient does."""
     import copy
 
     from equirelax.core.controllers.ace import ACE
@@ -243,17 +245,22 @@ def test_ace_resilient_reads_a_low_rank_branch_as_its_dense_map():
             full.layers[name].branch.weight.copy_(layer.branch.weight)
     x, y = make_task("field", 64, seed=3)
     for m in (model, dense):
-        (m(x) - y).pow(2).mean().backward()
+        inputs = x.clone().requires_grad_(forces)
+        out = m(inputs)
+        loss = (out - y).pow(2).mean()
+        if forces:
+            loss = loss + torch.autograd.grad(out.sum(), inputs, create_graph=True)[0].pow(2).mean()
+        loss.backward()
     for name, layer in low.layers.items():
-        assert layer.tap_dense_grad and not full.layers[name].tap_dense_grad
+        assert layer.tap_gradient and not full.layers[name].tap_gradient
         tapped, reference = ACE._task_gradient(layer), ACE._task_gradient(full.layers[name])
         assert float(reference) != 0.0
         assert float(tapped) == pytest.approx(float(reference), rel=1e-6)
-        assert layer.tapped_weight is None  # read once, then released
+        assert layer.tapped is None  # read once, then released
     for p in model.parameters():  # a host evaluating with frozen parameters (MACE does): no tap, same output
         p.requires_grad_(False)
     before = model(x)
-    assert all(layer.tapped_weight is None for layer in low.layers.values())
+    assert all(layer.tapped is None for layer in low.layers.values())
     assert torch.allclose(before, dense(x), atol=1e-6)
 
 

@@ -52,9 +52,9 @@ horizon, and it hands over the relaxed model. In the 75-step MACE fine-tune of
 Resilient slack: u_i = min(1, κ_i/ρ), κ_i ∈ [0, 1] the consistency with which
 the task gradient asks to grow the branch's symmetry-breaking part (noise-
 debiased EMA mean over RMS, over the same horizon, of ⟨∂J/∂W, P⊥W⟩/γ for a
-linear branch, of ∂J/∂γ_i for an MLP one; a low-rank branch is applied as its
-dense W = B·A on training steps so that backward leaves ∂J/∂W, at a dense
-branch's compute but not its parameters): the paper's equilibrium |γ| = |∂J/∂γ|/ρ
+linear branch, of ∂J/∂γ_i for an MLP one; for a low-rank branch the same
+number, read from two zero leaves the layer adds on training steps, without
+forming the dense W = B·A: ``RelaxedLayer.tapped_branch``): the paper's equilibrium |γ| = |∂J/∂γ|/ρ
 with ρ measured against the gradient's own scale, so one ρ works for any loss
 scale.
 
@@ -114,8 +114,8 @@ class ACE(Controller):
         self._build_plans(layers)
         for layer in layers.values():
             layer.add_state("lambda", torch.zeros((), dtype=layer.gamma.dtype))
-            # a low-rank branch has no ∂J/∂W of its own: the layer applies it densely so that backward leaves one
-            layer.tap_dense_grad = self.resilient and self.budgeted and isinstance(layer.branch, LowRankBranch)
+            # a low-rank branch has no ∂J/∂W of its own: the layer leaves what is read of it on two zero leaves
+            layer.tap_gradient = self.resilient and self.budgeted and isinstance(layer.branch, LowRankBranch)
             if self.resilient:
                 layer.add_state("slack", torch.zeros((), dtype=layer.gamma.dtype))
                 # EMA of the task gradient on γ and of its square, and the EMA's bias-correction weight
@@ -146,12 +146,18 @@ class ACE(Controller):
         ⟨∂J/∂W, P⊥W⟩/γ (∂J/∂W = γ·Σδxᵀ); None when the step left no gradient."""
         if isinstance(layer.branch, LinearBranch):
             weight = layer.branch.weight
-        else:
-            weight, layer.tapped_weight = layer.__dict__.get("tapped_weight"), None
-        if weight is not None and weight.grad is not None:
-            gamma = layer.gamma.detach()
-            safe = torch.where(gamma.abs() > 1e-6, gamma, torch.full_like(gamma, 1e-6))
-            return (weight.grad.detach() * layer.projector.orthogonal_complement(weight.detach())).sum() / safe
+            if weight.grad is not None:
+                gamma = layer.gamma.detach()
+                safe = torch.where(gamma.abs() > 1e-6, gamma, torch.full_like(gamma, 1e-6))
+                return (weight.grad.detach() * layer.projector.orthogonal_complement(weight.detach())).sum() / safe
+        tap, layer.tapped = layer.__dict__.get("tapped"), None
+        if tap is not None and tap[0].grad is not None:  # a low-rank branch: ⟨H, W⟩ − ⟨H, P(W)⟩ (RelaxedLayer.tapped_branch)
+            shift, blocks = tap
+            along_equivariant = sum(
+                ((block.grad * coefficients).sum() for block, coefficients in
+                 zip(blocks, layer.projector.lowrank_coefficients(layer.branch.B.detach(), layer.branch.A.detach()))
+                 if block.grad is not None), torch.zeros_like(shift.grad))
+            return shift.grad - along_equivariant
         return None if layer.gamma.grad is None else layer.gamma.grad.detach()
 
     def _update_consistency(self, layers, finite, rate):

@@ -109,19 +109,7 @@ class E3nnAdapter(Adapter):
             rows.append(slices_out[ins.i_out].start + w * d)
             cols.append(slices_in[ins.i_in].start + u * d)
             factors.append(torch.full((mul_in * mul_out,), 1.0 / scale, dtype=torch.float64))
-        rows, cols, factors = torch.cat(rows), torch.cat(cols), torch.cat(factors)
-        cache = {}
-
-        def apply(weight: torch.Tensor) -> None:
-            key = (weight.device, linear.weight.dtype)
-            if key not in cache:  # built once per device: a host-to-device copy every step would stall the queue
-                cache[key] = (rows.to(weight.device), cols.to(weight.device),
-                              factors.to(device=weight.device, dtype=linear.weight.dtype))
-            r, c, f = cache[key]
-            with torch.no_grad():
-                linear.weight.add_(weight[r, c].to(linear.weight.dtype) * f)
-
-        return apply
+        return MergePlan(linear, layer.projector, torch.cat(rows), torch.cat(cols), torch.cat(factors))
 
     def merge(self, layer, weight):
         """Add the equivariant dense map ``weight`` (already scaled by γ) to ``o3.Linear`` weights."""
@@ -152,3 +140,42 @@ class E3nnAdapter(Adapter):
             )
         with torch.no_grad():
             linear.weight.add_(delta.to(device=linear.weight.device, dtype=linear.weight.dtype))
+
+
+
+class MergePlan:
+    """Adds an equivariant map into an ``o3.Linear``'s weights during training, on the map's device and without
+    a host sync: each weight element takes the scalar of its irrep block (the (0, 0) entry of c ⊗ I) over its
+    path factor. ``plan(weight)`` takes the dense map; ``plan.add_coefficients(blocks)`` the scalars themselves
+    (``projector.coefficients`` / ``lowrank_coefficients`` of the layer's projector), without a dense map."""
+
+    def __init__(self, linear, projector, rows, cols, factors):
+        self.linear, self.rows, self.cols, self.factors = linear, rows, cols, factors
+        # where each element's scalar sits in the projector's blocks, flattened and concatenated
+        out_copy, in_copy, offset = {}, {}, 0
+        for index, (out_idx, in_idx) in enumerate(projector.blocks):
+            out_copy.update({int(start): (index, a) for a, start in enumerate(out_idx[:, 0])})
+            in_copy.update({int(start): (index, b, offset + b) for b, start in enumerate(in_idx[:, 0])})
+            offset += out_idx.shape[0] * in_idx.shape[0]
+        self.flat = torch.tensor([in_copy[c][2] + out_copy[r][1] * projector.blocks[in_copy[c][0]][1].shape[0]
+                                  for r, c in zip(rows.tolist(), cols.tolist())])
+        self._cache = {}
+
+    def _on(self, device):
+        # built once per device: a host-to-device copy every step would stall the queue
+        key = (device, self.linear.weight.dtype)
+        if key not in self._cache:
+            self._cache[key] = (self.rows.to(device), self.cols.to(device), self.flat.to(device),
+                                self.factors.to(device=device, dtype=self.linear.weight.dtype))
+        return self._cache[key]
+
+    def __call__(self, weight: torch.Tensor) -> None:
+        rows, cols, _, factors = self._on(weight.device)
+        with torch.no_grad():
+            self.linear.weight.add_(weight[rows, cols].to(self.linear.weight.dtype) * factors)
+
+    def add_coefficients(self, blocks: list) -> None:
+        _, _, flat, factors = self._on(blocks[0].device)
+        with torch.no_grad():
+            scalars = torch.cat([block.reshape(-1) for block in blocks])
+            self.linear.weight.add_(scalars[flat].to(self.linear.weight.dtype) * factors)

@@ -578,6 +578,28 @@ def test_ace_by_default_leaves_the_host_weights_to_the_optimizer(model):
         equirelax.relax(gated_e3nn_model(), "ace", keep_equivariant_part="no", total_steps=10)
 
 
+def test_merge_plan_of_a_low_rank_map_equals_that_of_its_dense_projection():
+    """``MergePlan.add_coefficients`` of P(B·A)'s block scalars (ACE's per-step merge of a low-rank branch)
+    adds to the o3.Linear what the plan adds for the dense P(B·A), here on irreps with one type in several runs."""
+    import copy
+
+    from equirelax.adapters.e3nn import E3nnAdapter
+    from equirelax.core._e3nn import o3
+
+    model = torch.nn.Sequential(o3.Linear("3x0e+2x1o+2x0e+1x2e", "2x0e+3x1o+1x2e+1x0e").to(torch.float64))
+    handle = equirelax.relax(model, "ace", branch="lowrank", rank=3, total_steps=10, keep_equivariant_part=True)
+    layer = next(iter(handle.layers.values()))
+    twin, before = copy.deepcopy(layer), layer.base.weight.detach().clone()
+    plans = [E3nnAdapter().merge_plan(one) for one in (layer, twin)]
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(layer.irreps_out.dim, 3, generator=g, dtype=torch.float64)
+    A = torch.randn(3, layer.feature_dim, generator=g, dtype=torch.float64)
+    plans[0].add_coefficients(layer.projector.lowrank_coefficients(B, A))
+    plans[1](layer.equivariant_weight(B @ A))
+    assert (layer.base.weight - before).abs().min() > 1e-6  # every weight moved
+    assert torch.allclose(layer.base.weight, twin.base.weight, atol=1e-12, rtol=0)
+
+
 def test_ace_state_brings_back_whether_it_keeps_the_equivariant_part():
     """The option comes back with the state, and the controller acts on it; a state saved before the option
     existed was trained keeping the part."""

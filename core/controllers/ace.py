@@ -203,9 +203,14 @@ class ACE(Controller):
                     new_gamma = r2 * (gamma - new_lam)
                 lam.copy_(self.keep_if(finite, new_lam, lam))
                 new_gamma = self.keep_if(finite, new_gamma.to(gamma.dtype), gamma)
-                if plans[name] is not None:  # the equivariant part of what γ gives up moves into the host layer
-                    kept = layer.equivariant_weight(layer.branch.weight.detach())[:, : layer.feature_dim]
-                    plans[name]((gamma - new_gamma) * kept)
+                plan = plans[name]
+                if plan is not None:  # the equivariant part of what γ gives up moves into the host layer
+                    branch = layer.branch
+                    if isinstance(branch, LowRankBranch) and hasattr(plan, "add_coefficients"):  # (not forming B·A)
+                        plan.add_coefficients(layer.projector.lowrank_coefficients(
+                            (gamma - new_gamma) * branch.B.detach(), branch.A.detach()))
+                    else:
+                        plan((gamma - new_gamma) * layer.equivariant_weight(branch.weight.detach())[:, : layer.feature_dim])
                 gamma.copy_(new_gamma)
 
     # ------------------------------------------------------------------- hooks

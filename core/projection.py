@@ -34,7 +34,26 @@ class HaarProjector:
             torch.equal(rows.flatten(), torch.arange(o, o + rows.numel()))
             and torch.equal(cols.flatten(), torch.arange(i, i + cols.numel()))
             for (rows, cols), (o, i) in zip(self.blocks, starts)) else None
+        self._runs = None if self.slices is None else {
+            side: self._columns(runs, dim) for side, runs, dim in (
+                ("out", [(o, rows.numel(), k) for k, ((rows, _), (o, _)) in enumerate(zip(self.blocks, starts))],
+                 self.irreps_out.dim),
+                ("in", [(i, cols.numel(), k) for k, ((_, cols), (_, i)) in enumerate(zip(self.blocks, starts))],
+                 self.irreps_in.dim))}
         self._on_device = {}
+
+    @staticmethod
+    def _columns(runs: list, dim: int) -> list:
+        """(width, block index or None) of consecutive column runs covering ``dim`` columns."""
+        pieces, column = [], 0
+        for start, width, index in sorted(runs):
+            if start > column:
+                pieces.append((start - column, None))
+            pieces.append((width, index))
+            column = start + width
+        if column < dim:
+            pieces.append((dim - column, None))
+        return pieces
 
     def _blocks(self, device):
         # index tensors copied once per device: a host-to-device copy every step would stall the GPU queue
@@ -74,47 +93,46 @@ class HaarProjector:
             P[..., rows, cols] = c[..., None].expand(*c.shape, d)
         return P
 
-    def _copies(self, x: torch.Tensor, index: int, side: str) -> torch.Tensor:
-        """The copies of block ``index``'s irrep in the last axis of x (``side`` "in" or "out"): [..., C, d]."""
-        rows, cols, d = self._blocks(x.device)[index]
+    def _copies(self, x: torch.Tensor, side: str) -> list:
+        """Each block's copies of its irrep in the last axis of x (``side`` "in" or "out"): [..., C, d] per
+        block. Where the blocks are runs of columns, one split (its backward is one cat, where a slice per
+        block fills a zero tensor of x's size each); else gathers."""
+        blocks = self._blocks(x.device)
         if self.slices is None:
-            return x[..., rows[:, 0, :]] if side == "out" else x[..., cols[0]]
-        start, copies = (self.slices[index][0], rows.shape[0]) if side == "out" else (self.slices[index][1],
-                                                                                     cols.shape[1])
-        return x[..., start:start + copies * d].unflatten(-1, (copies, d))
+            return [x[..., rows[:, 0, :]] if side == "out" else x[..., cols[0]] for rows, cols, _ in blocks]
+        copies = [None] * len(blocks)
+        pieces = self._runs[side]
+        for part, (_, index) in zip(x.split([width for width, _ in pieces], -1), pieces):
+            if index is not None:
+                copies[index] = part.unflatten(-1, (-1, blocks[index][2]))
+        return copies
 
     def _assemble(self, blocks: list, like: torch.Tensor) -> torch.Tensor:
         """``[k, n, dim_out]`` from each block's ``[k, n, Co, d]`` output; other columns zero."""
-        k, n = blocks[0].shape[:2] if blocks else (like.shape[0], like.shape[1])
+        k, n = like.shape[0], like.shape[1]
         if self.slices is None:
             y = like.new_zeros(k, n, self.irreps_out.dim)
             for (rows, _, _), block in zip(self._blocks(like.device), blocks):
                 y[:, :, rows[:, 0, :]] = block
             return y
-        parts, column = [], 0  # slices in column order, zeros between them: a cat, no scatter
-        for (start, _), block in sorted(zip(self.slices, blocks), key=lambda pair: pair[0][0]):
-            if start > column:
-                parts.append(like.new_zeros(k, n, start - column))
-            parts.append(block.flatten(-2))
-            column = start + parts[-1].shape[-1]
-        if column < self.irreps_out.dim:
-            parts.append(like.new_zeros(k, n, self.irreps_out.dim - column))
-        return torch.cat(parts, -1)
+        # runs in column order, zeros between them: a cat, no scatter
+        return torch.cat([like.new_zeros(k, n, width) if index is None else blocks[index].flatten(-2)
+                          for width, index in self._runs["out"]], -1)
 
     def lowrank_coefficients(self, B: torch.Tensor, A: torch.Tensor):
         """``coefficients(B @ A)`` without forming B·A (B [dim_out, r], A [r, dim_in]): each block's trace
         contracted through the rank."""
         self._check_shape((B.shape[-2], A.shape[-1]))
-        return [torch.einsum("adr,rbd->ab", self._copies(B.transpose(-1, -2), index, "out").movedim(0, -1),
-                             self._copies(A, index, "in")) / d
-                for index, (_, _, d) in enumerate(self._blocks(B.device))]
+        return [torch.einsum("adr,rbd->ab", B_block.movedim(0, -1), A_block) / d
+                for B_block, A_block, (_, _, d) in zip(self._copies(B.transpose(-1, -2), "out"),
+                                                        self._copies(A, "in"), self._blocks(B.device))]
 
     def apply_coefficients(self, maps: list, x: torch.Tensor) -> torch.Tensor:
         """k equivariant maps, each given by its block scalars (``coefficients`` or ``lowrank_coefficients``),
         applied to rows ``x`` [n, dim_in]: ``[k, n, dim_out]``. Each irrep's copies of x are taken once for
         all k maps (Co·Ci·d per row and map, not dim_out·dim_in)."""
-        blocks = [torch.einsum("kab,nbd->knad", torch.stack(coefficients), self._copies(x, index, "in"))
-                  for index, coefficients in enumerate(zip(*maps))]
+        blocks = [torch.einsum("kab,nbd->knad", torch.stack(coefficients), x_block)
+                  for coefficients, x_block in zip(zip(*maps), self._copies(x, "in"))]
         return self._assemble(blocks, x.new_empty(len(maps), x.shape[0]))
 
     def apply_lowrank(self, B: torch.Tensor, A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -123,10 +141,11 @@ class HaarProjector:
         r·d·(Co + Ci)·d per row and map instead of Co·Ci·d (fewer for r·d small against the copies)."""
         self._check_shape((B.shape[-2], A.shape[-1]))
         blocks = []
-        for index, (_, _, d) in enumerate(self._blocks(x.device)):
+        for A_block, x_block, B_block, (_, _, d) in zip(self._copies(A, "in"), self._copies(x, "in"),
+                                                         self._copies(B.transpose(-1, -2), "out"),  # [k, r, Co, d]
+                                                         self._blocks(x.device)):
             # z[k, n, r, m, e] = Σ_b A[k, r, (b, m)] x[n, (b, e)]; out[k, n, a, e] = Σ_{r,m} B[k, (a, m), r] z / d
-            z = torch.einsum("krbm,nbe->knrme", self._copies(A, index, "in"), self._copies(x, index, "in"))
-            B_block = self._copies(B.transpose(-1, -2), index, "out")  # [k, r, Co, d]
+            z = torch.einsum("krbm,nbe->knrme", A_block, x_block)
             blocks.append(torch.einsum("kram,knrme->knae", B_block, z) / d)
         return self._assemble(blocks, x.new_empty(B.shape[0], x.shape[0]))
 

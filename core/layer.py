@@ -25,7 +25,8 @@ class RelaxedLayer(nn.Module):
     ``ctrl_*`` so it is part of the host's own ``state_dict`` and pickles.
     """
 
-    BLOCKWISE_PROBE_ENTRIES = 1 << 16  # d_out·d_in from which RECM's probes skip forming dense maps
+    # d_out·d_in from which RECM's probes and ACE-resilient's gradient read skip forming dense maps
+    BLOCKWISE_PROBE_ENTRIES = 1 << 16
 
     def __init__(
         self,
@@ -287,15 +288,21 @@ class RelaxedLayer(nn.Module):
         return out + gamma * self.branch(x)
 
     def tapped_branch(self, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        """γ·f_neq(x) for a low-rank branch, plus two zero leaves from whose gradients ACE-resilient reads
-        ∂J/∂W along W's parts without forming the dense W (H: the gradient on the map the layer adds):
-        ``shift`` (added to γ) gets ⟨H, W⟩, and ``blocks`` (block scalars of an equivariant map, applied as
-        zero) get H's block traces, so ⟨H, P(W)⟩ = Σ ⟨∂J/∂blocks, blocks of W⟩. Both take every path to the
-        loss (forces included), as a dense W's gradient does, at the cost of one equivariant map per row."""
-        shift = torch.zeros((), dtype=x.dtype, device=x.device, requires_grad=True)
-        blocks = [torch.zeros(out_idx.shape[0], in_idx.shape[0], dtype=x.dtype, device=x.device, requires_grad=True)
+        """γ·f_neq(x) for a low-rank branch, plus zero leaves whose gradients hold what ACE-resilient reads of H,
+        the gradient on the map the layer adds (every path to the loss, forces included, as a dense W's
+        gradient): on small layers a dense zero map (``dense``: H itself, the branch applied as γ·B·A + 0 in
+        one matmul); on large ones, without forming B·A, a zero ``shift`` on γ (⟨H, W⟩) and the zero block
+        scalars of an equivariant map (``blocks``: H's block traces, so ⟨H, P(W)⟩ = Σ ⟨∂J/∂blocks, blocks of
+        W⟩), at the cost of one equivariant map per row."""
+        options = dict(dtype=x.dtype, device=x.device, requires_grad=True)
+        if self.irreps_out.dim * self.branch_irreps_in.dim < self.BLOCKWISE_PROBE_ENTRIES:
+            zero = torch.zeros(self.irreps_out.dim, self.branch_irreps_in.dim, **options)
+            self.tapped = {"dense": zero}
+            return nn.functional.linear(x, gamma * self.branch.weight + zero)
+        shift = torch.zeros((), **options)
+        blocks = [torch.zeros(out_idx.shape[0], in_idx.shape[0], **options)
                   for out_idx, in_idx in self.projector.blocks]
-        self.tapped = (shift, blocks)
+        self.tapped = {"shift": shift, "blocks": blocks}
         zero = self.projector.apply_coefficients([blocks], x.reshape(-1, x.shape[-1]))[0]
         return (gamma + shift) * self.branch(x) + zero.reshape(*x.shape[:-1], -1)
 

@@ -226,14 +226,19 @@ def test_ace_resilient_closes_on_symmetric_data_in_a_short_fine_tune():
     assert all(abs(g) <= 1e-2 for g in handle.levels().values()), handle.levels()
 
 
+@pytest.mark.parametrize("blockwise", [False, True])
 @pytest.mark.parametrize("forces", [False, True])
-def test_ace_resilient_reads_a_low_rank_branch_as_its_dense_map(forces):
+def test_ace_resilient_reads_a_low_rank_branch_as_its_dense_map(forces, blockwise, monkeypatch):
     """The consistency signal is ∂J/∂γ along the branch's non-equivariant part, ⟨∂J/∂W, P⊥W⟩/γ: for a low-rank
     branch the same number as for a dense branch holding W = B·A, also through a loss on the input gradient
-    (as forces are), which the layer's zero leaves see as W's gradient does."""
+    (as forces are), which the layer's zero leaves see as W's gradient does; read through a dense zero map
+    (small layers) or without forming B·A (large ones)."""
     import copy
 
     from equirelax.core.controllers.ace import ACE
+    from equirelax.core.layer import RelaxedLayer
+
+    monkeypatch.setattr(RelaxedLayer, "BLOCKWISE_PROBE_ENTRIES", 0 if blockwise else 10**9)
 
     torch.manual_seed(0)
     model = gated_e3nn_model()
@@ -253,6 +258,7 @@ def test_ace_resilient_reads_a_low_rank_branch_as_its_dense_map(forces):
         loss.backward()
     for name, layer in low.layers.items():
         assert layer.tap_gradient and not full.layers[name].tap_gradient
+        assert set(layer.tapped) == ({"shift", "blocks"} if blockwise else {"dense"})
         tapped, reference = ACE._task_gradient(layer), ACE._task_gradient(full.layers[name])
         assert float(reference) != 0.0
         assert float(tapped) == pytest.approx(float(reference), rel=1e-6)

@@ -150,14 +150,16 @@ class ACE(Controller):
                 gamma = layer.gamma.detach()
                 safe = torch.where(gamma.abs() > 1e-6, gamma, torch.full_like(gamma, 1e-6))
                 return (weight.grad.detach() * layer.projector.orthogonal_complement(weight.detach())).sum() / safe
-        tap, layer.tapped = layer.__dict__.get("tapped"), None
-        if tap is not None and tap[0].grad is not None:  # a low-rank branch: ⟨H, W⟩ − ⟨H, P(W)⟩ (RelaxedLayer.tapped_branch)
-            shift, blocks = tap
+        tap, layer.tapped = layer.__dict__.get("tapped") or {}, None  # a low-rank branch: RelaxedLayer.tapped_branch
+        branch = layer.branch
+        if "dense" in tap and tap["dense"].grad is not None:  # ⟨H, P⊥W⟩
+            return (tap["dense"].grad * layer.projector.orthogonal_complement(branch.weight.detach())).sum()
+        if "shift" in tap and tap["shift"].grad is not None:  # ⟨H, W⟩ − ⟨H, P(W)⟩
             along_equivariant = sum(
                 ((block.grad * coefficients).sum() for block, coefficients in
-                 zip(blocks, layer.projector.lowrank_coefficients(layer.branch.B.detach(), layer.branch.A.detach()))
-                 if block.grad is not None), torch.zeros_like(shift.grad))
-            return shift.grad - along_equivariant
+                 zip(tap["blocks"], layer.projector.lowrank_coefficients(branch.B.detach(), branch.A.detach()))
+                 if block.grad is not None), torch.zeros_like(tap["shift"].grad))
+            return tap["shift"].grad - along_equivariant
         return None if layer.gamma.grad is None else layer.gamma.grad.detach()
 
     def _update_consistency(self, layers, finite, rate):

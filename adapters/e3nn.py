@@ -142,7 +142,6 @@ class E3nnAdapter(Adapter):
             linear.weight.add_(delta.to(device=linear.weight.device, dtype=linear.weight.dtype))
 
 
-
 class MergePlan:
     """Adds an equivariant map into an ``o3.Linear``'s weights during training, on the map's device and without
     a host sync: each weight element takes the scalar of its irrep block (the (0, 0) entry of c ⊗ I) over its

@@ -53,9 +53,9 @@ Resilient slack: u_i = min(1, κ_i/ρ), κ_i ∈ [0, 1] the consistency with whi
 the task gradient asks to grow the branch's symmetry-breaking part (noise-
 debiased EMA mean over RMS, over the same horizon, of ⟨∂J/∂W, P⊥W⟩/γ for a
 linear branch, of ∂J/∂γ_i for an MLP one; for a low-rank branch the same
-number, read from two zero leaves the layer adds on training steps, without
-forming the dense W = B·A: ``RelaxedLayer.tapped_branch``): the paper's equilibrium |γ| = |∂J/∂γ|/ρ
-with ρ measured against the gradient's own scale, so one ρ works for any loss
+number, read from zero leaves the layer adds on training steps, on large layers
+without forming the dense W = B·A: ``RelaxedLayer.tapped_branch``): the paper's
+equilibrium |γ| = |∂J/∂γ|/ρ with ρ measured against the gradient's own scale, so one ρ works for any loss
 scale.
 
 ``dual="gradient"`` is the papers' form, for reproducing the reference: the
@@ -114,7 +114,7 @@ class ACE(Controller):
         self._build_plans(layers)
         for layer in layers.values():
             layer.add_state("lambda", torch.zeros((), dtype=layer.gamma.dtype))
-            # a low-rank branch has no ∂J/∂W of its own: the layer leaves what is read of it on two zero leaves
+            # a low-rank branch has no ∂J/∂W of its own: the layer leaves what is read of it on zero leaves
             layer.tap_gradient = self.resilient and self.budgeted and isinstance(layer.branch, LowRankBranch)
             if self.resilient:
                 layer.add_state("slack", torch.zeros((), dtype=layer.gamma.dtype))
@@ -212,7 +212,8 @@ class ACE(Controller):
                         plan.add_coefficients(layer.projector.lowrank_coefficients(
                             (gamma - new_gamma) * branch.B.detach(), branch.A.detach()))
                     else:
-                        plan((gamma - new_gamma) * layer.equivariant_weight(branch.weight.detach())[:, : layer.feature_dim])
+                        kept = layer.equivariant_weight(branch.weight.detach())[:, : layer.feature_dim]
+                        plan((gamma - new_gamma) * kept)
                 gamma.copy_(new_gamma)
 
     # ------------------------------------------------------------------- hooks

@@ -34,16 +34,21 @@ def irrep_blocks(irreps, group: str = "O3"):
     Returns ``{key: LongTensor[copies, 2l+1]}`` with key ``(l, p)`` for O(3) and
     ``l`` for SO(3) (where parity does not distinguish representations).
     """
+    return {key: torch.stack([torch.arange(start, start + d) for start in starts])
+            for key, (starts, d) in irrep_copy_starts(irreps, group).items()}
+
+
+def irrep_copy_starts(irreps, group: str = "O3") -> dict:
+    """``{key: ([first column of each copy], 2l+1)}``, keyed and ordered as ``irrep_blocks``; plain ints."""
     check_group(group)
     groups: dict = {}
     offset = 0
     for mul, ir in as_irreps(irreps):
-        d = ir.dim
         key = (ir.l, ir.p) if group == "O3" else ir.l
         for _ in range(mul):
-            groups.setdefault(key, []).append(torch.arange(offset, offset + d))
-            offset += d
-    return {key: torch.stack(rows) for key, rows in groups.items()}
+            groups.setdefault(key, ([], ir.dim))[0].append(offset)
+            offset += ir.dim
+    return groups
 
 
 def random_rotations(n: int, group: str = "O3", *, dtype=torch.float64, generator=None) -> torch.Tensor:

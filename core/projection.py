@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .irreps import as_irreps, check_group, irrep_blocks, random_rotations, wigner_D
+from .irreps import as_irreps, check_group, irrep_blocks, irrep_copy_starts, random_rotations, wigner_D
 
 
 class HaarProjector:
@@ -28,18 +28,21 @@ class HaarProjector:
         # (out copies [Co, d], in copies [Ci, d]) for every irrep type present on both sides
         self.blocks = [(blocks_out[key], blocks_in[key]) for key in blocks_out if key in blocks_in]
         # (first out column, first in column) of each type whose copies are one run of columns on both sides,
-        # as e3nn lays out simplified irreps: blocks are then slices and views, not gathers and scatters
-        starts = [(int(rows[0, 0]), int(cols[0, 0])) for rows, cols in self.blocks]
-        self.slices = starts if all(
-            torch.equal(rows.flatten(), torch.arange(o, o + rows.numel()))
-            and torch.equal(cols.flatten(), torch.arange(i, i + cols.numel()))
-            for (rows, cols), (o, i) in zip(self.blocks, starts)) else None
+        # as e3nn lays out simplified irreps: blocks are then slices and views, not gathers and scatters (read
+        # off the irreps as ints: a projector may be built inside a training step)
+        starts_out, starts_in = irrep_copy_starts(self.irreps_out, group), irrep_copy_starts(self.irreps_in, group)
+        runs = [(starts_out[key], starts_in[key]) for key in blocks_out if key in blocks_in]
+
+        def one_run(starts, d):
+            return starts == list(range(starts[0], starts[0] + d * len(starts), d))
+
+        self.slices = [(out[0][0], inp[0][0]) for out, inp in runs] if all(
+            one_run(*out) and one_run(*inp) for out, inp in runs) else None
         self._runs = None if self.slices is None else {
-            side: self._columns(runs, dim) for side, runs, dim in (
-                ("out", [(o, rows.numel(), k) for k, ((rows, _), (o, _)) in enumerate(zip(self.blocks, starts))],
-                 self.irreps_out.dim),
-                ("in", [(i, cols.numel(), k) for k, ((_, cols), (_, i)) in enumerate(zip(self.blocks, starts))],
-                 self.irreps_in.dim))}
+            "out": self._columns([(out[0][0], len(out[0]) * out[1], k) for k, (out, _) in enumerate(runs)],
+                                 self.irreps_out.dim),
+            "in": self._columns([(inp[0][0], len(inp[0]) * inp[1], k) for k, (_, inp) in enumerate(runs)],
+                                self.irreps_in.dim)}
         self._on_device = {}
 
     @staticmethod

@@ -151,12 +151,12 @@ class MergePlan:
     def __init__(self, linear, projector, rows, cols, factors):
         self.linear, self.rows, self.cols, self.factors = linear, rows, cols, factors
         # where each element's scalar sits in the projector's blocks, flattened and concatenated
-        out_copy, in_copy, offset = {}, {}, 0
-        for index, (out_idx, in_idx) in enumerate(projector.blocks):
-            out_copy.update({int(start): (index, a) for a, start in enumerate(out_idx[:, 0])})
-            in_copy.update({int(start): (index, b, offset + b) for b, start in enumerate(in_idx[:, 0])})
-            offset += out_idx.shape[0] * in_idx.shape[0]
-        self.flat = torch.tensor([in_copy[c][2] + out_copy[r][1] * projector.blocks[in_copy[c][0]][1].shape[0]
+        out_copy, in_copy, offset = {}, {}, 0  # first column of a copy -> its row / (Ci, flat column) in blocks
+        for (out_starts, _), (in_starts, _) in projector.copy_starts:
+            out_copy.update({start: a for a, start in enumerate(out_starts)})
+            in_copy.update({start: (len(in_starts), offset + b) for b, start in enumerate(in_starts)})
+            offset += len(out_starts) * len(in_starts)
+        self.flat = torch.tensor([in_copy[c][1] + out_copy[r] * in_copy[c][0]
                                   for r, c in zip(rows.tolist(), cols.tolist())])
         self._cache = {}
 

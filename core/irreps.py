@@ -28,18 +28,9 @@ def check_group(group: str) -> str:
     return group
 
 
-def irrep_blocks(irreps, group: str = "O3"):
-    """Index arrays of the copies of each irrep type.
-
-    Returns ``{key: LongTensor[copies, 2l+1]}`` with key ``(l, p)`` for O(3) and
-    ``l`` for SO(3) (where parity does not distinguish representations).
-    """
-    return {key: torch.stack([torch.arange(start, start + d) for start in starts])
-            for key, (starts, d) in irrep_copy_starts(irreps, group).items()}
-
-
 def irrep_copy_starts(irreps, group: str = "O3") -> dict:
-    """``{key: ([first column of each copy], 2l+1)}``, keyed and ordered as ``irrep_blocks``; plain ints."""
+    """The copies of each irrep type: ``{key: ([first column of each copy], 2l+1)}``, plain ints, with key
+    ``(l, p)`` for O(3) and ``l`` for SO(3) (where parity does not distinguish representations)."""
     check_group(group)
     groups: dict = {}
     offset = 0
@@ -49,6 +40,11 @@ def irrep_copy_starts(irreps, group: str = "O3") -> dict:
             groups.setdefault(key, ([], ir.dim))[0].append(offset)
             offset += ir.dim
     return groups
+
+
+def copy_indices(starts: list, d: int) -> torch.Tensor:
+    """``LongTensor[copies, d]``: the columns of each copy of a d-dimensional irrep from their first columns."""
+    return torch.stack([torch.arange(start, start + d) for start in starts])
 
 
 def random_rotations(n: int, group: str = "O3", *, dtype=torch.float64, generator=None) -> torch.Tensor:

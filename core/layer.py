@@ -212,6 +212,11 @@ class RelaxedLayer(nn.Module):
             self.register_buffer(name, value.to(dtype=self.gamma.dtype, device=self.gamma.device))
 
     @property
+    def dense_is_cheaper(self) -> bool:
+        """Whether this layer's maps are small enough that dense ops cost less than a few per irrep type."""
+        return self.irreps_out.dim * self.branch_irreps_in.dim < self.BLOCKWISE_PROBE_ENTRIES
+
+    @property
     def probe_weight(self) -> torch.Tensor | None:
         """The two probe maps [2, d_out, d_in] (None: no RECM on this layer), in units of the layer's
         output-to-input scale (see ``probing_forward``)."""
@@ -236,7 +241,7 @@ class RelaxedLayer(nn.Module):
         B = B * (out.detach().pow(2).mean().clamp(min=tiny) / rows.detach().pow(2).mean().clamp(min=tiny)).sqrt()
         # small maps: a few dense ops cost less than a handful per irrep type; raw-position columns: the dense
         # projection zeroes them
-        if self.uses_positions or B.shape[-2] * A.shape[-1] < self.BLOCKWISE_PROBE_ENTRIES:
+        if self.uses_positions or self.dense_is_cheaper:
             V = B @ A
             off = V - torch.stack([self.equivariant_weight(V[0]), self.equivariant_weight(V[1])])
             first, second = nn.functional.linear(rows, off[0]), nn.functional.linear(rows, off[1])
@@ -295,7 +300,7 @@ class RelaxedLayer(nn.Module):
         scalars of an equivariant map (``blocks``: H's block traces, so ⟨H, P(W)⟩ = Σ ⟨∂J/∂blocks, blocks of
         W⟩), at the cost of one equivariant map per row."""
         options = dict(dtype=x.dtype, device=x.device, requires_grad=True)
-        if self.irreps_out.dim * self.branch_irreps_in.dim < self.BLOCKWISE_PROBE_ENTRIES:
+        if self.dense_is_cheaper:
             zero = torch.zeros(self.irreps_out.dim, self.branch_irreps_in.dim, **options)
             self.tapped = {"dense": zero}
             return nn.functional.linear(x, gamma * self.branch.weight + zero)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .irreps import as_irreps, check_group, irrep_blocks, irrep_copy_starts, random_rotations, wigner_D
+from .irreps import as_irreps, check_group, copy_indices, irrep_copy_starts, random_rotations, wigner_D
 
 
 class HaarProjector:
@@ -23,19 +23,19 @@ class HaarProjector:
         self.irreps_in = as_irreps(irreps_in)
         self.irreps_out = as_irreps(irreps_out)
         self.group = check_group(group)
-        blocks_in = irrep_blocks(self.irreps_in, group)
-        blocks_out = irrep_blocks(self.irreps_out, group)
-        # (out copies [Co, d], in copies [Ci, d]) for every irrep type present on both sides
-        self.blocks = [(blocks_out[key], blocks_in[key]) for key in blocks_out if key in blocks_in]
-        # (first out column, first in column) of each type whose copies are one run of columns on both sides,
-        # as e3nn lays out simplified irreps: blocks are then slices and views, not gathers and scatters (read
-        # off the irreps as ints: a projector may be built inside a training step)
+        # ([first column of each copy], d) of every irrep type present on both sides, (out, in), as plain ints
+        # (a projector may be built inside a training step, which must read nothing back from a device)
         starts_out, starts_in = irrep_copy_starts(self.irreps_out, group), irrep_copy_starts(self.irreps_in, group)
-        runs = [(starts_out[key], starts_in[key]) for key in blocks_out if key in blocks_in]
+        self.copy_starts = [(starts_out[key], starts_in[key]) for key in starts_out if key in starts_in]
+        # (out copies [Co, d], in copies [Ci, d]) for every irrep type present on both sides
+        self.blocks = [(copy_indices(*out), copy_indices(*inp)) for out, inp in self.copy_starts]
 
         def one_run(starts, d):
             return starts == list(range(starts[0], starts[0] + d * len(starts), d))
 
+        # (first out column, first in column) of each type whose copies are one run of columns on both sides,
+        # as e3nn lays out simplified irreps: blocks are then slices and views, not gathers and scatters
+        runs = self.copy_starts
         self.slices = [(out[0][0], inp[0][0]) for out, inp in runs] if all(
             one_run(*out) and one_run(*inp) for out, inp in runs) else None
         self._runs = None if self.slices is None else {
@@ -110,16 +110,17 @@ class HaarProjector:
                 copies[index] = part.unflatten(-1, (-1, blocks[index][2]))
         return copies
 
-    def _assemble(self, blocks: list, like: torch.Tensor) -> torch.Tensor:
-        """``[k, n, dim_out]`` from each block's ``[k, n, Co, d]`` output; other columns zero."""
-        k, n = like.shape[0], like.shape[1]
+    def _assemble(self, blocks: list, k: int, x: torch.Tensor) -> torch.Tensor:
+        """``[k, n, dim_out]`` from each block's ``[k, n, Co, d]`` output for the rows x [n, dim_in]; other columns
+        zero."""
+        n = x.shape[0]
         if self.slices is None:
-            y = like.new_zeros(k, n, self.irreps_out.dim)
-            for (rows, _, _), block in zip(self._blocks(like.device), blocks):
+            y = x.new_zeros(k, n, self.irreps_out.dim)
+            for (rows, _, _), block in zip(self._blocks(x.device), blocks):
                 y[:, :, rows[:, 0, :]] = block
             return y
         # runs in column order, zeros between them: a cat, no scatter
-        return torch.cat([like.new_zeros(k, n, width) if index is None else blocks[index].flatten(-2)
+        return torch.cat([x.new_zeros(k, n, width) if index is None else blocks[index].flatten(-2)
                           for width, index in self._runs["out"]], -1)
 
     def lowrank_coefficients(self, B: torch.Tensor, A: torch.Tensor):
@@ -136,7 +137,7 @@ class HaarProjector:
         all k maps (Co·Ci·d per row and map, not dim_out·dim_in)."""
         blocks = [torch.einsum("kab,nbd->knad", torch.stack(coefficients), x_block)
                   for coefficients, x_block in zip(zip(*maps), self._copies(x, "in"))]
-        return self._assemble(blocks, x.new_empty(len(maps), x.shape[0]))
+        return self._assemble(blocks, len(maps), x)
 
     def apply_lowrank(self, B: torch.Tensor, A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """P(B_k·A_k) applied to rows ``x`` [n, dim_in] for k maps of rank r (B [k, dim_out, r], A [k, r,
@@ -150,7 +151,7 @@ class HaarProjector:
             # z[k, n, r, m, e] = Σ_b A[k, r, (b, m)] x[n, (b, e)]; out[k, n, a, e] = Σ_{r,m} B[k, (a, m), r] z / d
             z = torch.einsum("krbm,nbe->knrme", A_block, x_block)
             blocks.append(torch.einsum("kram,knrme->knae", B_block, z) / d)
-        return self._assemble(blocks, x.new_empty(B.shape[0], x.shape[0]))
+        return self._assemble(blocks, B.shape[0], x)
 
     def orthogonal_complement(self, W: torch.Tensor) -> torch.Tensor:
         """``W - P(W)``: the part of W that breaks the symmetry."""

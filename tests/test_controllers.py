@@ -499,6 +499,11 @@ def test_closed_form_lie_derivative_equals_the_rowwise_one(kind):
     rowwise = lie_derivative_terms(branch, x, so3_generators(irreps_in), so3_generators(irreps_out))
     assert float(closed[0]) == pytest.approx(float(rowwise[0]), rel=1e-10)
     assert float(closed[1]) == pytest.approx(float(rowwise[1]), rel=1e-10)
+    # CR adds the regulariser's gradient on the branch: the closed forms must give the row-wise one
+    params = list(branch.parameters())
+    for closed_grad, rowwise_grad in zip(torch.autograd.grad(closed[0] + 0.3 * closed[1], params),
+                                         torch.autograd.grad(rowwise[0] + 0.3 * rowwise[1], params)):
+        assert torch.allclose(closed_grad, rowwise_grad, rtol=1e-10, atol=1e-10)
     ga = GeneratorAction(irreps_in)
     W = torch.randn(6, 10)
     assert torch.allclose(ga.right(W), W @ so3_generators(irreps_in), atol=1e-12)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..branches import LINEAR_KINDS
+from ..branches import LINEAR_KINDS, LowRankBranch
 from ..distributed import all_reduce_, world_size
 from ..hookspecs import hookimpl
 from ..irreps import GeneratorAction
@@ -71,6 +71,8 @@ def lie_derivative_terms(branch: nn.Module, x: torch.Tensor, A_in, A_out):
     x = x.reshape(-1, x.shape[-1])
     n = max(x.shape[0], 1)
     d_in, d_out = x.shape[-1], getattr(branch, "dim_out", x.shape[-1])
+    if isinstance(branch, LowRankBranch) and isinstance(A_in, GeneratorAction) and isinstance(A_out, GeneratorAction):
+        return _lowrank_lie_derivative_terms(branch, x, A_in, A_out)
     closed_form_cheaper = d_in * (n + 6 * d_out) < 9 * n * d_out  # rough FLOP counts of the two routes
     if (isinstance(branch, LINEAR_KINDS) and isinstance(A_in, GeneratorAction) and isinstance(A_out, GeneratorAction)
             and closed_form_cheaper):
@@ -91,6 +93,29 @@ def lie_derivative_terms(branch: nn.Module, x: torch.Tensor, A_in, A_out):
     lie = (JAx - Afx).pow(2).sum() / n
     norm = fx.pow(2).sum() / n
     return lie, norm
+
+
+def _lowrank_lie_derivative_terms(branch, x: torch.Tensor, A_in: GeneratorAction, A_out: GeneratorAction):
+    """``(LD, N)`` of W = B·A through its rank r, never forming W or acting on the rows' features.
+
+    Row n's Lie derivative is M_k x_n with M_k = W A_k − A_k W = B (A A_k) − (A_k B) A, so with the rows'
+    second moments S = mean_n (A A_k x_n)(A A_k x_n)ᵀ, C = mean_n (A A_k x_n)(A x_n)ᵀ and
+    P = mean_n (A x_n)(A x_n)ᵀ (all r × r, from one [n, 4r] product with the rows),
+    mean_n ‖M_k x_n‖² = ⟨S, BᵀB⟩ − 2⟨C, Bᵀ(A_k B)⟩ + ⟨P, (A_k B)ᵀ(A_k B)⟩. The dense closed form costs
+    d_out·d_in² per generator, the row-wise one the generators acting on every row.
+    """
+    A, B = branch.A, branch.B
+    r = A.shape[0]
+    V = torch.cat([A_in.right(A).reshape(3 * r, -1), A])  # [A A_1; A A_2; A A_3; A]: [4r, d_in]
+    z = x @ V.T
+    moments = z.T @ z / max(x.shape[0], 1)  # [4r, 4r]
+    P = moments[3 * r:, 3 * r:]
+    gram = B.T @ B
+    lie = x.new_zeros(())
+    for k, AB in enumerate(A_out.left(B)):  # A_k B: [d_out, r]
+        S, C = moments[k * r:(k + 1) * r, k * r:(k + 1) * r], moments[k * r:(k + 1) * r, 3 * r:]
+        lie = lie + (S * gram).sum() - 2 * (C * (B.T @ AB)).sum() + (P * (AB.T @ AB)).sum()
+    return lie, (P * gram).sum()
 
 
 class CR(Controller):

@@ -487,16 +487,23 @@ def test_blockwise_generator_action_equals_dense_generators():
     assert torch.allclose(GeneratorAction(irreps)(x), dense, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["linear", "lowrank"])
-def test_closed_form_lie_derivative_equals_the_rowwise_one(kind):
+@pytest.mark.parametrize("kind,through_rank", [("linear", False), ("lowrank", False), ("lowrank", True)])
+def test_closed_form_lie_derivative_equals_the_rowwise_one(kind, through_rank, monkeypatch):
     from equirelax.core.branches import make_branch
+    from equirelax.core.controllers import cr
     from equirelax.core.irreps import GeneratorAction
 
+    routes = []
+    through = cr._lowrank_lie_derivative_terms
+    monkeypatch.setattr(cr, "_lowrank_lie_derivative_terms", lambda *args: routes.append(1) or through(*args))
     irreps_in, irreps_out = "2x0e+1x1o+1x2e", "1x0e+2x1o+1x2o"
-    branch = make_branch(kind, 10, 12, init="random", init_std=1.0, **({"rank": 4} if kind == "lowrank" else {}))
+    # rank 1 on 40 rows takes the route through the rank, as large layers do; rank 4 the dense closed form
+    rank = 1 if through_rank else 4
+    branch = make_branch(kind, 10, 12, init="random", init_std=1.0, **({"rank": rank} if kind == "lowrank" else {}))
     x = torch.randn(40, 10)
     closed = lie_derivative_terms(branch, x, GeneratorAction(irreps_in), GeneratorAction(irreps_out))
     rowwise = lie_derivative_terms(branch, x, so3_generators(irreps_in), so3_generators(irreps_out))
+    assert len(routes) == int(through_rank)
     assert float(closed[0]) == pytest.approx(float(rowwise[0]), rel=1e-10)
     assert float(closed[1]) == pytest.approx(float(rowwise[1]), rel=1e-10)
     # CR adds the regulariser's gradient on the branch: the closed forms must give the row-wise one

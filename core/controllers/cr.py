@@ -71,11 +71,16 @@ def lie_derivative_terms(branch: nn.Module, x: torch.Tensor, A_in, A_out):
     x = x.reshape(-1, x.shape[-1])
     n = max(x.shape[0], 1)
     d_in, d_out = x.shape[-1], getattr(branch, "dim_out", x.shape[-1])
-    if isinstance(branch, LowRankBranch) and isinstance(A_in, GeneratorAction) and isinstance(A_out, GeneratorAction):
-        return _lowrank_lie_derivative_terms(branch, x, A_in, A_out)
-    closed_form_cheaper = d_in * (n + 6 * d_out) < 9 * n * d_out  # rough FLOP counts of the two routes
-    if (isinstance(branch, LINEAR_KINDS) and isinstance(A_in, GeneratorAction) and isinstance(A_out, GeneratorAction)
-            and closed_form_cheaper):
+    generators = isinstance(A_in, GeneratorAction) and isinstance(A_out, GeneratorAction)
+    closed_form_flops = d_in * d_in * (n + 6 * d_out)
+    if isinstance(branch, LowRankBranch) and generators:
+        rank = 4 * branch.rank
+        # through the rank unless the dense closed form is nearly as cheap: the rank route's few extra
+        # small ops cost what ~4× fewer FLOPs save on the smallest maps (e3nn_synthetic.py speed)
+        if closed_form_flops > 4 * n * rank * (d_in + rank):
+            return _lowrank_lie_derivative_terms(branch, x, A_in, A_out)
+    closed_form_cheaper = closed_form_flops < 9 * n * d_out * d_in  # rough FLOP counts of the two routes
+    if isinstance(branch, LINEAR_KINDS) and generators and closed_form_cheaper:
         # closed form: mean_n ‖M x_n‖² = tr(M C Mᵀ) with C = XᵀX/n and M_k = W A_k − A_k W
         C = x.T @ x / n
         W = branch.weight
@@ -99,22 +104,21 @@ def _lowrank_lie_derivative_terms(branch, x: torch.Tensor, A_in: GeneratorAction
     """``(LD, N)`` of W = B·A through its rank r, never forming W or acting on the rows' features.
 
     Row n's Lie derivative is M_k x_n with M_k = W A_k − A_k W = B (A A_k) − (A_k B) A, so with the rows'
-    second moments S = mean_n (A A_k x_n)(A A_k x_n)ᵀ, C = mean_n (A A_k x_n)(A x_n)ᵀ and
-    P = mean_n (A x_n)(A x_n)ᵀ (all r × r, from one [n, 4r] product with the rows),
-    mean_n ‖M_k x_n‖² = ⟨S, BᵀB⟩ − 2⟨C, Bᵀ(A_k B)⟩ + ⟨P, (A_k B)ᵀ(A_k B)⟩. The dense closed form costs
-    d_out·d_in² per generator, the row-wise one the generators acting on every row.
+    r × r second moments S_k = mean_n (A A_k x_n)(A A_k x_n)ᵀ, C_k = mean_n (A A_k x_n)(A x_n)ᵀ and
+    P = mean_n (A x_n)(A x_n)ᵀ (one [n, 4r] product with the rows),
+    mean_n ‖M_k x_n‖² = ⟨S_k, BᵀB⟩ − 2⟨C_k, Bᵀ(A_k B)⟩ + ⟨P, (A_k B)ᵀ(A_k B)⟩, summed over k in a few
+    batched ops. The dense closed form costs d_out·d_in² per generator, the row-wise one the generators
+    acting on every row.
     """
     A, B = branch.A, branch.B
-    r = A.shape[0]
-    V = torch.cat([A_in.right(A).reshape(3 * r, -1), A])  # [A A_1; A A_2; A A_3; A]: [4r, d_in]
-    z = x @ V.T
-    moments = z.T @ z / max(x.shape[0], 1)  # [4r, 4r]
-    P = moments[3 * r:, 3 * r:]
-    gram = B.T @ B
-    lie = x.new_zeros(())
-    for k, AB in enumerate(A_out.left(B)):  # A_k B: [d_out, r]
-        S, C = moments[k * r:(k + 1) * r, k * r:(k + 1) * r], moments[k * r:(k + 1) * r, 3 * r:]
-        lie = lie + (S * gram).sum() - 2 * (C * (B.T @ AB)).sum() + (P * (AB.T @ AB)).sum()
+    r, n = A.shape[0], max(x.shape[0], 1)
+    z = x @ torch.cat([A_in.right(A).reshape(3 * r, -1), A]).T  # rows of [A A_1; A A_2; A A_3; A] x: [n, 4r]
+    moments = z.T @ z / n
+    S = moments[:3 * r, :3 * r].reshape(3, r, 3, r).diagonal(dim1=0, dim2=2).sum(-1)  # Σ_k S_k
+    C, P = moments[:3 * r, 3 * r:].reshape(3, r, r), moments[3 * r:, 3 * r:]
+    AB = A_out.left(B)  # A_k B: [3, d_out, r]
+    gram, stacked = B.T @ B, AB.reshape(-1, r)
+    lie = (S * gram).sum() - 2 * (C * (B.T @ AB)).sum() + (P * (stacked.T @ stacked)).sum()
     return lie, (P * gram).sum()
 
 

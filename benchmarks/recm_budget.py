@@ -3,6 +3,12 @@
 seeds.
 
     .venv-mace/bin/python benchmarks/recm_budget.py [--epochs 20 60] [--seeds 12] [--lr 1e-2] [--options '{"warmup": 0.5}']
+        [--kinds field symmetric] [--shuffle] [--measure-only]
+
+``--shuffle`` draws the batches in a new order every epoch, as hosts' data loaders do (the README's loop
+keeps one order, so each sample always meets the same probe map). ``--measure-only`` sets every level
+back to 0 after each of RECM's updates: RECM still measures, but the branch never trains, which tells what
+the probe maps read by themselves from a feedback through the branch.
 
 Per budget and data: each layer's end level (median and range over seeds), how many seeds end with some
 layer above 0.1, the median share of epochs at whose end every level was 0, and the test MSE (median over
@@ -19,31 +25,56 @@ import torch
 
 import mace  # noqa: F401  (e3nn 0.4.4 imports under torch >= 2.6 only after mace)
 import equirelax
+from equirelax import hookimpl
 from equirelax.datasets.synthetic import gated_e3nn_model, make_task
 
 TARGETS = ["0", "2"]
 
 
-def run(kind: str, epochs: int, seed: int, options: dict, lr: float = 1e-2):
-    """The README example with ``epochs`` epochs: (end levels, levels after each epoch, test MSE)."""
+class HoldLevelsAtZero:
+    """Runs after RECM's update and sets every level back to 0 (``--measure-only``)."""
+
+    @hookimpl(trylast=True)
+    def equirelax_after_backward(self, handle, finite):
+        for layer in handle.layers.values():
+            layer.gamma.data.zero_()
+
+
+def run(kind: str, epochs: int, seed: int, options: dict, lr: float = 1e-2, shuffle: bool = False,
+        measure_only: bool = False):
+    """The README example with ``epochs`` epochs: (end levels, levels after each epoch, test MSE); with
+    ``measure_only`` the levels are the ones RECM's gap would set, min(1, gap/τ)."""
     torch.manual_seed(seed)
     model = gated_e3nn_model()
     x, y = make_task(kind, 512)
     handle = equirelax.relax(model, controller="recm", targets=TARGETS, branch="linear", total_steps=epochs * 8,
                              **options)
+    if measure_only:
+        handle.plugins.register(HoldLevelsAtZero())
     optimizer = handle.wrap(torch.optim.Adam(model.parameters(), lr=lr))
+    order = torch.Generator().manual_seed(seed)
     history = []
+
+    def levels():
+        if not measure_only:
+            return handle.levels()
+        controller = handle.controller
+        return {name: min(1.0, float(controller.gap(layer)) / controller.options["tau"])
+                for name, layer in controller.layers.items()}
+
     for _ in range(epochs):
+        rows = torch.randperm(512, generator=order) if shuffle else torch.arange(512)
         for i in range(0, 512, 64):
+            batch = rows[i:i + 64]
             optimizer.zero_grad()
-            ((model(x[i:i + 64]) - y[i:i + 64]) ** 2).mean().backward()
+            ((model(x[batch]) - y[batch]) ** 2).mean().backward()
             optimizer.step()
         handle.epoch_end()
-        history.append(handle.levels())
+        history.append(levels())
     x_test, y_test = make_task(kind, 1024, seed=100)
     with torch.no_grad():
         mse = float(((model(x_test) - y_test) ** 2).mean())
-    return handle.levels(), history, mse
+    return levels(), history, mse
 
 
 def main():
@@ -52,14 +83,18 @@ def main():
     parser.add_argument("--seeds", type=int, default=12)
     parser.add_argument("--lr", type=float, default=1e-2, help="the host's Adam learning rate")
     parser.add_argument("--options", type=json.loads, default={}, help="RECM options (JSON)")
+    parser.add_argument("--kinds", nargs="+", default=["field", "symmetric"], choices=["field", "symmetric"])
+    parser.add_argument("--shuffle", action="store_true", help="a new batch order every epoch")
+    parser.add_argument("--measure-only", action="store_true", help="hold every level at 0 (RECM still measures)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print("| data | epochs (steps) | " + " | ".join(f"level {t}: median [min, max]" for t in TARGETS)
           + " | seeds with a level > 0.1 | epochs with every level 0 (median) | test MSE (median) |")
     print("|---|---|" + "---|" * len(TARGETS) + "---|---|---|")
-    for kind in ("field", "symmetric"):
+    for kind in args.kinds:
         for epochs in args.epochs:
-            runs = [run(kind, epochs, seed, args.options, args.lr) for seed in range(args.seeds)]
+            runs = [run(kind, epochs, seed, args.options, args.lr, args.shuffle, args.measure_only)
+                    for seed in range(args.seeds)]
             cells = []
             for target in TARGETS:
                 ends = [levels[target] for levels, _, _ in runs]

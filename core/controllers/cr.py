@@ -74,10 +74,10 @@ def lie_derivative_terms(branch: nn.Module, x: torch.Tensor, A_in, A_out):
     generators = isinstance(A_in, GeneratorAction) and isinstance(A_out, GeneratorAction)
     closed_form_flops = d_in * d_in * (n + 6 * d_out)
     if isinstance(branch, LowRankBranch) and generators:
-        rank = 4 * branch.rank
+        columns = 4 * branch.rank  # of the rows' products in the rank route
         # through the rank unless the dense closed form is nearly as cheap: the rank route's few extra
         # small ops cost what ~4× fewer FLOPs save on the smallest maps (e3nn_synthetic.py speed)
-        if closed_form_flops > 4 * n * rank * (d_in + rank):
+        if closed_form_flops > 4 * n * columns * (d_in + columns):
             return _lowrank_lie_derivative_terms(branch, x, A_in, A_out)
     closed_form_cheaper = closed_form_flops < 9 * n * d_out * d_in  # rough FLOP counts of the two routes
     if isinstance(branch, LINEAR_KINDS) and generators and closed_form_cheaper:

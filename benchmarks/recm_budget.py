@@ -7,8 +7,8 @@ seeds.
 
 ``--shuffle`` draws the batches in a new order every epoch, as hosts' data loaders do (the README's loop
 keeps one order, so each sample always meets the same probe map). ``--measure-only`` sets every level
-back to 0 after each of RECM's updates: RECM still measures, but the branch never trains, which tells what
-the probe maps read by themselves from a feedback through the branch.
+back to 0 after each of RECM's updates: RECM still measures, but the branch never trains, which separates
+what the probe maps read by themselves from a feedback through a branch that has fitted the data.
 
 Per budget and data: each layer's end level (median and range over seeds), how many seeds end with some
 layer above 0.1, the median share of epochs at whose end every level was 0, and the test MSE (median over

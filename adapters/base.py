@@ -59,5 +59,7 @@ class Adapter:
 
     def merge_plan(self, layer):
         """A device-side, sync-free ``apply(weight)`` that adds an equivariant dense ``weight`` into
-        ``layer.base`` during training, or None when the host layer cannot take it exactly."""
+        ``layer.base`` during training, or None when the host layer cannot take it exactly. A plan that also
+        has ``add_coefficients(blocks)`` (the map's block scalars, as ``layer.projector`` gives them) lets ACE
+        merge a low-rank branch without forming its dense map (e3nn's ``MergePlan``)."""
         return None

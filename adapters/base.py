@@ -61,5 +61,7 @@ class Adapter:
         """A device-side, sync-free ``apply(weight)`` that adds an equivariant dense ``weight`` into
         ``layer.base`` during training, or None when the host layer cannot take it exactly. A plan that also
         has ``add_coefficients(blocks)`` (the map's block scalars, as ``layer.projector`` gives them) lets ACE
-        merge a low-rank branch without forming its dense map (e3nn's ``MergePlan``)."""
+        merge a low-rank branch without forming its dense map, and one with ``gradient_along(blocks)`` (the
+        loss's derivative along that map, from the host weights' gradient, or None) lets ACE-resilient read a
+        low-rank branch's task gradient without extra work in the training step (e3nn's ``MergePlan``)."""
         return None

@@ -174,7 +174,16 @@ class MergePlan:
             self.linear.weight.add_(weight[rows, cols].to(self.linear.weight.dtype) * factors)
 
     def add_coefficients(self, blocks: list) -> None:
-        _, _, flat, factors = self._on(blocks[0].device)
         with torch.no_grad():
-            scalars = torch.cat([block.reshape(-1) for block in blocks])
-            self.linear.weight.add_(scalars[flat].to(self.linear.weight.dtype) * factors)
+            self.linear.weight.add_(self._delta(blocks))
+
+    def gradient_along(self, blocks: list):
+        """⟨∂J/∂w, Δw⟩ for the Δw that ``add_coefficients(blocks)`` would add: the loss's derivative along adding
+        that equivariant map into the layer, read off the weights' gradient (None when they have none)."""
+        grad = self.linear.weight.grad
+        return None if grad is None else (grad * self._delta(blocks)).sum()
+
+    def _delta(self, blocks: list) -> torch.Tensor:
+        _, _, flat, factors = self._on(blocks[0].device)
+        scalars = torch.cat([block.reshape(-1) for block in blocks])
+        return scalars[flat].to(self.linear.weight.dtype) * factors

@@ -137,7 +137,7 @@ def tensor_product_net():
     return TensorProductNet(), (8, 9), ["lin1", "lin2"]
 
 
-def time_steps(model, handle, inputs, y, steps):
+def time_steps(model, handle, inputs, y, steps, sync=lambda: None):
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     if handle:
         handle.wrap(opt)
@@ -145,18 +145,20 @@ def time_steps(model, handle, inputs, y, steps):
         opt.zero_grad()
         (model(*inputs) - y).pow(2).mean().backward()
         opt.step()
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         opt.zero_grad()
         (model(*inputs) - y).pow(2).mean().backward()
         opt.step()
+    sync()  # queued device work belongs to the timed steps
     return (time.perf_counter() - start) / steps
 
 
 def speed(args):
     torch.set_num_threads(args.threads)
     print(f"# speed: {args.branch} branch{'' if args.rank is None else f' (rank {args.rank})'}, "
-          f"batch {args.batch} rows, float32, {args.threads} threads, median of {args.repeats} repeats "
+          f"batch {args.batch} rows, float32, {args.device}, {args.threads} threads, median of {args.repeats} repeats "
           f"of {args.steps} steps, variants interleaved\n")
     for title, build in (
         ("o3.Linear stack 32x0e+16x1o+8x2e → 64x0e+32x1o+16x2e → … → 1x0e+1x1o, every layer relaxed", linear_stack),
@@ -165,8 +167,10 @@ def speed(args):
     ):
         torch.manual_seed(0)
         base, dims, targets = build()
-        inputs = tuple(torch.randn(args.batch, d) for d in dims)
-        y = torch.randn(args.batch, 4)
+        base.to(args.device)
+        inputs = tuple(torch.randn(args.batch, d, device=args.device) for d in dims)
+        y = torch.randn(args.batch, 4, device=args.device)
+        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
         variants = {}
         for label, controller, options in CONTROLLERS:
             model = copy.deepcopy(base)
@@ -176,7 +180,7 @@ def speed(args):
         times = {label: [] for label in variants}
         for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
             for label, (model, handle) in variants.items():
-                times[label].append(time_steps(model, handle, inputs, y, args.steps))
+                times[label].append(time_steps(model, handle, inputs, y, args.steps, sync))
         vanilla, fixed = statistics.median(times["vanilla"]), statistics.median(times["fixed"])
         print(f"## {title}\n")
         print("| model | step time (ms) | relaxed / vanilla | controller overhead (/ fixed) |")
@@ -268,6 +272,7 @@ def main():
     spd.add_argument("--steps", type=int, default=20)
     spd.add_argument("--batch", type=int, default=1024)
     spd.add_argument("--threads", type=int, default=2)
+    spd.add_argument("--device", default="cpu")
     spd.add_argument("--branch", default="linear", choices=["linear", "lowrank", "mlp"])
     spd.add_argument("--rank", type=int, default=None, help="rank of a lowrank branch (default 8)")
     budgets = sub.add_parser("ace")

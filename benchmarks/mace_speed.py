@@ -1,6 +1,7 @@
 """MACE training-step time, relaxed vs vanilla (same model, same batch, one run), and exported-model inference.
 
     .venv-mace/bin/python benchmarks/mace_speed.py [--hidden "64x0e + 64x1o"] [--repeats 5] [--steps 10]
+                                                   [--device cuda] [--dtype float32]
 
 A training step is MACE's own: forward with forces (training=True, so the force
 graph is kept), energy + force loss, backward, Adam step. Variants are timed
@@ -54,15 +55,21 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--branch", default="linear", choices=["linear", "lowrank", "mlp"])
     parser.add_argument("--rank", type=int, default=None, help="rank of a lowrank branch (default 8)")
+    parser.add_argument("--controllers", nargs="+", help="only these rows besides vanilla (e.g. fixed ace-resilient)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.set_default_dtype(torch.float64)
+    torch.set_default_dtype(getattr(torch, args.dtype))
     base, table = build(args.hidden)
-    batch = make_batch(table)
+    base.to(args.device)
+    batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in make_batch(table).items()}
     variants = {}
     for label, controller, options in CONTROLLERS:
+        if controller and args.controllers and label not in args.controllers:
+            continue
         model = copy.deepcopy(base)
         variants[label] = (model, equirelax.relax(model, controller, branch=args.branch, rank=args.rank,
                                                  total_steps=TIMING_BUDGET, **options)
@@ -72,12 +79,13 @@ def main():
         out = model(batch, training=True, compute_force=True)
         return ((out["energy"] - batch["energy"]) ** 2).mean() + ((out["forces"] - batch["forces"]) ** 2).mean()
 
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     train, infer = time_variants(variants, loss, lambda model: model(batch, training=False, compute_force=True),
-                                 args.repeats, args.steps)
+                                 args.repeats, args.steps, sync)
     n_atoms = batch["positions"].shape[0]
     print(f"# MACE ({args.hidden}, 2 interactions, correlation 3), {args.branch} branch"
-          f"{'' if args.rank is None else f' (rank {args.rank})'}, batch of 8 clusters ({n_atoms} atoms), float64, "
-          f"{args.threads} threads, median of {args.repeats} repeats of {args.steps} steps, variants interleaved\n")
+          f"{'' if args.rank is None else f' (rank {args.rank})'}, batch of 8 clusters ({n_atoms} atoms), {args.dtype}, "
+          f"{args.device}, {args.threads} threads, median of {args.repeats} repeats of {args.steps} steps, variants interleaved\n")
     print_table(train, infer)
 
 

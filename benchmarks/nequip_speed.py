@@ -52,12 +52,15 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--branch", default="linear", choices=["linear", "lowrank", "mlp"])
     parser.add_argument("--rank", type=int, default=None, help="rank of a lowrank branch (default 8)")
+    parser.add_argument("--controllers", nargs="+", help="only these rows besides vanilla (e.g. fixed ace-resilient)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = build(args.features, args.l_max, args.layers, args.dtype).to(args.device)
     batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in make_batch().items()}
     variants = {}
     for label, controller, options in CONTROLLERS:
+        if controller and args.controllers and label not in args.controllers:
+            continue
         model = copy.deepcopy(base)
         variants[label] = (model, equirelax.relax(model, controller, branch=args.branch, rank=args.rank,
                                                   adapter="nequip", total_steps=TIMING_BUDGET, **options)

@@ -295,10 +295,11 @@ class RelaxedLayer(nn.Module):
     def tapped_branch(self, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         """γ·f_neq(x) for a low-rank branch, plus zero leaves whose gradients hold what ACE-resilient reads of H,
         the gradient on the map the layer adds (every path to the loss, forces included, as a dense W's
-        gradient): on small layers a dense zero map (``dense``: H itself, the branch applied as γ·B·A + 0 in
-        one matmul); on large ones, without forming B·A, a zero ``shift`` on γ (⟨H, W⟩) and the zero block
-        scalars of an equivariant map (``blocks``: H's block traces, so ⟨H, P(W)⟩ = Σ ⟨∂J/∂blocks, blocks of
-        W⟩), at the cost of one equivariant map per row."""
+        gradient), on layers whose host weights cannot give it (no exact merge plan, or frozen): on small layers
+        a dense zero map (``dense``: H itself, the branch applied as γ·B·A + 0 in one matmul); on large ones,
+        without forming B·A, a zero ``shift`` on γ (⟨H, W⟩) and the zero block scalars of an equivariant map
+        (``blocks``: H's block traces, so ⟨H, P(W)⟩ = Σ ⟨∂J/∂blocks, blocks of W⟩), at the cost of one
+        equivariant map per row."""
         options = dict(dtype=x.dtype, device=x.device, requires_grad=True)
         if self.dense_is_cheaper:
             zero = torch.zeros(self.irreps_out.dim, self.branch_irreps_in.dim, **options)

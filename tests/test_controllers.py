@@ -226,28 +226,36 @@ def test_ace_resilient_closes_on_symmetric_data_in_a_short_fine_tune():
     assert all(abs(g) <= 1e-2 for g in handle.levels().values()), handle.levels()
 
 
-@pytest.mark.parametrize("blockwise", [False, True])
+@pytest.mark.parametrize("route", ["host weights", "dense leaves", "blockwise leaves"])
 @pytest.mark.parametrize("forces", [False, True])
-def test_ace_resilient_reads_a_low_rank_branch_as_its_dense_map(forces, blockwise, monkeypatch):
+def test_ace_resilient_reads_a_low_rank_branch_as_its_dense_map(forces, route, monkeypatch):
     """The consistency signal is ∂J/∂γ along the branch's non-equivariant part, ⟨∂J/∂W, P⊥W⟩/γ: for a low-rank
     branch the same number as for a dense branch holding W = B·A, also through a loss on the input gradient
-    (as forces are), which the layer's zero leaves see as W's gradient does; read through a dense zero map
-    (small layers) or without forming B·A (large ones)."""
+    (as forces are). Read as ∂J/∂γ less the host weights' gradient along P(W) where the host layer takes P(W)
+    exactly (no extra work in the step), else from zero leaves the layer adds: a dense zero map (small layers)
+    or, without forming B·A, a shift and block scalars (large ones)."""
     import copy
 
     from equirelax.core.controllers.ace import ACE
     from equirelax.core.layer import RelaxedLayer
 
-    monkeypatch.setattr(RelaxedLayer, "BLOCKWISE_PROBE_ENTRIES", 0 if blockwise else 10**9)
+    monkeypatch.setattr(RelaxedLayer, "BLOCKWISE_PROBE_ENTRIES", 0 if route == "blockwise leaves" else 10**9)
 
     torch.manual_seed(0)
     model = gated_e3nn_model()
     dense = copy.deepcopy(model)
     low = equirelax.relax(model, "ace-resilient", init="random", init_std=0.5, total_steps=10)
     full = equirelax.relax(dense, "ace-resilient", branch="linear", total_steps=10)
+    controller = low.controller
+    assert all(controller.readers.values())  # every o3.Linear here takes P(W) exactly
+    if route != "host weights":
+        controller.readers = dict.fromkeys(controller.readers)
+        controller._choose_taps()
     with torch.no_grad():
         for name, layer in low.layers.items():
             full.layers[name].branch.weight.copy_(layer.branch.weight)
+            layer.gamma.fill_(0.7)  # ∂J/∂γ is ⟨H, W⟩, at any γ
+            full.layers[name].gamma.fill_(0.7)
     x, y = make_task("field", 64, seed=3)
     for m in (model, dense):
         inputs = x.clone().requires_grad_(forces)
@@ -257,17 +265,40 @@ def test_ace_resilient_reads_a_low_rank_branch_as_its_dense_map(forces, blockwis
             loss = loss + torch.autograd.grad(out.sum(), inputs, create_graph=True)[0].pow(2).mean()
         loss.backward()
     for name, layer in low.layers.items():
-        assert layer.tap_gradient and not full.layers[name].tap_gradient
-        assert set(layer.tapped) == ({"shift", "blocks"} if blockwise else {"dense"})
-        tapped, reference = ACE._task_gradient(layer), ACE._task_gradient(full.layers[name])
+        assert not full.layers[name].tap_gradient
+        assert layer.tap_gradient == (route != "host weights")
+        expected = {"host weights": None, "dense leaves": {"dense"}, "blockwise leaves": {"shift", "blocks"}}[route]
+        tapped = layer.__dict__.get("tapped")
+        assert (set(tapped) if tapped else None) == expected
+        read = ACE._task_gradient(layer, controller.readers[name])
+        reference = ACE._task_gradient(full.layers[name])
         assert float(reference) != 0.0
-        assert float(tapped) == pytest.approx(float(reference), rel=1e-6)
-        assert layer.tapped is None  # read once, then released
+        assert float(read) == pytest.approx(float(reference), rel=1e-6)
+        assert layer.__dict__.get("tapped") is None  # read once, then released
     for p in model.parameters():  # a host evaluating with frozen parameters (MACE does): no tap, same output
         p.requires_grad_(False)
     before = model(x)
-    assert all(layer.tapped is None for layer in low.layers.values())
+    assert all(layer.__dict__.get("tapped") is None for layer in low.layers.values())
     assert torch.allclose(before, dense(x), atol=1e-6)
+
+
+def test_ace_resilient_taps_a_low_rank_branch_whose_host_layer_is_frozen():
+    """A host layer whose weights do not train has no gradient to read ⟨H, P(W)⟩ from: from the next step on,
+    that layer adds its zero leaves instead, and the signal is the same."""
+    torch.manual_seed(0)
+    model = gated_e3nn_model()
+    handle = equirelax.relax(model, "ace-resilient", total_steps=10)
+    opt = handle.wrap(torch.optim.Adam(model.parameters(), 1e-3))
+    x, y = make_task("field", 64, seed=3)
+    assert not any(layer.tap_gradient for layer in handle.layers.values())
+    for layer in handle.layers.values():
+        layer.base.weight.requires_grad_(False)
+    for _ in range(2):
+        opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        opt.step()
+    assert all(layer.tap_gradient for layer in handle.layers.values())
+    assert all(float(layer.state("grad_weight")) > 0 for layer in handle.layers.values())  # both steps recorded
 
 
 # --------------------------------------------------------------------------- RECM

@@ -93,3 +93,33 @@ def test_trained_relaxed_mace_exports_to_plain_equivariant_mace(branch, options)
 
 def test_default_targets_are_documented_patterns():
     assert DEFAULT_TARGETS == ("interactions.*.linear", "products.*.linear")
+
+
+def test_ace_resilient_reads_the_same_task_gradient_off_maces_weights_as_from_zero_leaves():
+    """On MACE's own layers, with forces by autograd: ⟨H, P⊥W⟩ read as ∂J/∂γ less the host weights' gradient
+    along P(W) equals the zero-leaf read, layer by layer (the two routes of ACE-resilient's consistency signal)."""
+    import copy
+
+    from equirelax.core.controllers.ace import ACE
+
+    model, table = tiny_mace()
+    batch = batch_of(table, field=[0.0, 0.0, 0.3])
+    reads = []
+    for route in ("host weights", "zero leaves"):
+        relaxed = copy.deepcopy(model)
+        torch.manual_seed(1)
+        handle = equirelax.relax(relaxed, "ace-resilient", init="random", init_std=0.3, total_steps=10)
+        controller = handle.controller
+        assert all(controller.readers.values())
+        if route == "zero leaves":
+            controller.readers = dict.fromkeys(controller.readers)
+            controller._choose_taps()
+        out = relaxed(batch, training=True, compute_force=True)
+        (((out["energy"] - batch["energy"]) ** 2).mean() + ((out["forces"] - batch["forces"]) ** 2).mean()).backward()
+        reads.append({name: float(ACE._task_gradient(layer, controller.readers[name]))
+                      for name, layer in handle.layers.items()})
+    assert reads[0].keys() == reads[1].keys()
+    # (the last product's linear maps scalars to scalars: every such map is equivariant, its read is 0)
+    assert sum(value != 0.0 for value in reads[1].values()) == 3
+    for name in reads[0]:
+        assert reads[0][name] == pytest.approx(reads[1][name], rel=1e-6, abs=1e-12), name

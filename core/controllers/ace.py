@@ -53,8 +53,9 @@ Resilient slack: u_i = min(1, κ_i/ρ), κ_i ∈ [0, 1] the consistency with whi
 the task gradient asks to grow the branch's symmetry-breaking part (noise-
 debiased EMA mean over RMS, over the same horizon, of ⟨∂J/∂W, P⊥W⟩/γ for a
 linear branch, of ∂J/∂γ_i for an MLP one; for a low-rank branch the same
-number, read from zero leaves the layer adds on training steps, on large layers
-without forming the dense W = B·A: ``RelaxedLayer.tapped_branch``): the paper's
+number, ∂J/∂γ less the host weights' gradient along P(W) where the host layer
+takes P(W) exactly (no extra work in the step), else read from zero leaves the
+layer adds on training steps: ``RelaxedLayer.tapped_branch``): the paper's
 equilibrium |γ| = |∂J/∂γ|/ρ with ρ measured against the gradient's own scale, so one ρ works for any loss
 scale.
 
@@ -114,8 +115,6 @@ class ACE(Controller):
         self._build_plans(layers)
         for layer in layers.values():
             layer.add_state("lambda", torch.zeros((), dtype=layer.gamma.dtype))
-            # a low-rank branch has no ∂J/∂W of its own: the layer leaves what is read of it on zero leaves
-            layer.tap_gradient = self.resilient and self.budgeted and isinstance(layer.branch, LowRankBranch)
             if self.resilient:
                 layer.add_state("slack", torch.zeros((), dtype=layer.gamma.dtype))
                 # EMA of the task gradient on γ and of its square, and the EMA's bias-correction weight
@@ -126,8 +125,22 @@ class ACE(Controller):
     def _build_plans(self, layers):
         # built here, not in the training step (building reads the host layer's path factors on the host)
         keep = self.budgeted and self.options["keep_equivariant_part"]
-        self.plans = {name: self.adapter.merge_plan(layer) if keep and layer.has_projection else None
-                      for name, layer in layers.items()}
+        read = self.resilient and self.budgeted
+        hosts = {name: self.adapter.merge_plan(layer) if (keep or read) and layer.has_projection else None
+                 for name, layer in layers.items()}
+        self.plans = {name: plan if keep else None for name, plan in hosts.items()}
+        # a low-rank branch has no ∂J/∂W of its own: ⟨∂J/∂W, P(W)⟩ is read off the host layer's weight gradient
+        # where a plan maps the equivariant part onto those weights, else the layer adds zero leaves to read it
+        self.readers = {name: plan if read and isinstance(layers[name].branch, LowRankBranch)
+                        and hasattr(plan, "gradient_along") else None for name, plan in hosts.items()}
+        self._choose_taps()
+
+    def _choose_taps(self):
+        read = self.resilient and self.budgeted
+        for name, layer in self.layers.items():
+            reader = self.readers.get(name)
+            layer.tap_gradient = read and isinstance(layer.branch, LowRankBranch) and (
+                reader is None or not reader.linear.weight.requires_grad)  # (a frozen host layer has no gradient)
 
     # ------------------------------------------------------------- budget form
     def _gains(self, handle):
@@ -141,9 +154,12 @@ class ACE(Controller):
         return r * r, (1.0 - r) ** 2 / (r * r), rate
 
     @staticmethod
-    def _task_gradient(layer):
+    def _task_gradient(layer, reader=None):
         """∂J/∂γ (before any dual term), along the branch's non-equivariant part where the branch is a linear map:
-        ⟨∂J/∂W, P⊥W⟩/γ (∂J/∂W = γ·Σδxᵀ); None when the step left no gradient."""
+        ⟨∂J/∂W, P⊥W⟩/γ (∂J/∂W = γ·Σδxᵀ); None when the step left no gradient. A low-rank branch: ⟨H, P⊥W⟩,
+        H the gradient on the map the layer adds, as ∂J/∂γ − ⟨H, P(W)⟩ with ⟨H, P(W)⟩ the host weights'
+        gradient along P(W) (``reader``: the host layer takes P(W) exactly, and H is its map's gradient too),
+        or from the layer's zero leaves."""
         if isinstance(layer.branch, LinearBranch):
             weight = layer.branch.weight
             if weight.grad is not None:
@@ -152,6 +168,12 @@ class ACE(Controller):
                 return (weight.grad.detach() * layer.projector.orthogonal_complement(weight.detach())).sum() / safe
         tap, layer.tapped = layer.__dict__.get("tapped") or {}, None  # a low-rank branch: RelaxedLayer.tapped_branch
         branch = layer.branch
+        if not tap and reader is not None and layer.gamma.grad is not None:
+            along_equivariant = reader.gradient_along(
+                layer.projector.lowrank_coefficients(branch.B.detach(), branch.A.detach()))
+            if along_equivariant is None:
+                return None
+            return layer.gamma.grad.detach().reshape(()) - along_equivariant.to(layer.gamma.grad.dtype)
         if "dense" in tap and tap["dense"].grad is not None:  # ⟨H, P⊥W⟩
             return (tap["dense"].grad * layer.projector.orthogonal_complement(branch.weight.detach())).sum()
         if "shift" in tap and tap["shift"].grad is not None:  # ⟨H, W⟩ − ⟨H, P(W)⟩
@@ -164,9 +186,10 @@ class ACE(Controller):
 
     def _update_consistency(self, layers, finite, rate):
         """Record each layer's task gradient on γ into its consistency EMAs."""
-        grads = {name: self._task_gradient(layer) for name, layer in layers.items()}
+        tapped = [name for name, layer in layers.items() if layer.__dict__.get("tapped")]
+        grads = {name: self._task_gradient(layer, self.readers.get(name)) for name, layer in layers.items()}
         grads = {name: g for name, g in grads.items() if g is not None}
-        tapped = [name for name in grads if not isinstance(layers[name].branch, LinearBranch)]
+        tapped = [name for name in tapped if name in grads]
         if tapped:  # a tapped ∂J/∂W is this rank's own (a parameter's gradient is averaged already)
             values = [torch.stack([grads[name].reshape(()) for name in tapped])]
             all_reduce_(values)
@@ -244,6 +267,7 @@ class ACE(Controller):
     def equirelax_after_optimizer_step(self, handle, finite):
         if self.budgeted:
             self._budget_step(handle, finite)
+            self._choose_taps()
             return
         eta = self.options["dual_lr"]
         with torch.no_grad():

@@ -68,10 +68,11 @@ What it cannot tell apart:
   orientations is then large and both maps learn it (the README example at Adam
   lr 1e-3, 512 samples: symmetric data read a level > 0.1 in 4 of 12 runs of 480
   steps, 0 of 12 at lr 1e-2; with the batches reshuffled every epoch 9 and 2 of 12).
-  The maps read it by themselves (as often with every level held at 0), and two
-  maps fitted to disjoint samples agree by chance on a small output (4 dimensions),
-  beyond the 2ν²/√p threshold: what separates the set's pull from a weak field is
-  its size relative to the set's standard error, which the probes do not see;
+  The maps read it by themselves (as often with every level held at 0): they
+  split each batch's rows by position, so over the epochs both meet every sample
+  and learn the same set's orientations. Maps that each learn from their own half
+  of the set read 1 of 12 there (reshuffled, both rates) and the field as before
+  (BENCHMARKS.md), but a layer sees no sample identity to split by;
 - which of several layers should carry a correction that each of them could
   make: a layer downstream of the one where the breaking enters reads a level
   too (each layer's maps are bounded, so none absorbs the whole correction);

@@ -52,7 +52,8 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--branch", default="linear", choices=["linear", "lowrank", "mlp"])
     parser.add_argument("--rank", type=int, default=None, help="rank of a lowrank branch (default 8)")
-    parser.add_argument("--controllers", nargs="+", help="only these rows besides vanilla (e.g. fixed ace-resilient)")
+    parser.add_argument("--controllers", nargs="+", choices=[label for label, controller, _ in CONTROLLERS if controller],
+                        help="only these rows besides vanilla (e.g. fixed ace-resilient)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = build(args.features, args.l_max, args.layers, args.dtype).to(args.device)

@@ -17,6 +17,11 @@ import equirelax
 TIMING_BUDGET = 10**6  # the budget controllers pace themselves by; a timing run takes only a few of its steps
 
 
+def device_sync(device: str):
+    """What a timer waits on before reading the clock: the device's queued kernels (nothing on the CPU)."""
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
 def seconds_per_step(step, steps: int, sync, warmup: int = 2) -> float:
     for _ in range(warmup):
         step()

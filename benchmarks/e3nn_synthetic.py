@@ -32,8 +32,8 @@ import torch
 import equirelax
 from equirelax.core._e3nn import o3
 from equirelax.datasets.synthetic import gated_e3nn_model, make_task
+from _timing import TIMING_BUDGET, device_sync  # benchmarks/ is on sys.path when run as a script
 
-TIMING_BUDGET = 10**6  # the budget controllers pace themselves by; a timing run takes only a few of its steps
 
 CONTROLLERS = [
     ("vanilla", None, {}),
@@ -170,7 +170,7 @@ def speed(args):
         base.to(args.device)
         inputs = tuple(torch.randn(args.batch, d, device=args.device) for d in dims)
         y = torch.randn(args.batch, 4, device=args.device)
-        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+        sync = device_sync(args.device)
         variants = {}
         for label, controller, options in CONTROLLERS:
             model = copy.deepcopy(base)

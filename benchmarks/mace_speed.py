@@ -19,7 +19,7 @@ import torch
 
 import mace  # noqa: F401
 import equirelax
-from _timing import TIMING_BUDGET, print_table, time_variants  # benchmarks/ is on sys.path when run as a script
+from _timing import TIMING_BUDGET, device_sync, print_table, time_variants  # benchmarks/ is on sys.path when run as a script
 
 CONTROLLERS = [("vanilla", None, {}), ("fixed", "fixed", {}), ("cr", "cr", {"epochs": 10}), ("ace", "ace", {}),
                ("ace-resilient", "ace-resilient", {}), ("recm", "recm", {})]
@@ -80,7 +80,7 @@ def main():
         out = model(batch, training=True, compute_force=True)
         return ((out["energy"] - batch["energy"]) ** 2).mean() + ((out["forces"] - batch["forces"]) ** 2).mean()
 
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync = device_sync(args.device)
     train, infer = time_variants(variants, loss, lambda model: model(batch, training=False, compute_force=True),
                                  args.repeats, args.steps, sync)
     n_atoms = batch["positions"].shape[0]

@@ -16,7 +16,7 @@ import copy
 import torch
 
 import equirelax
-from _timing import TIMING_BUDGET, print_table, time_variants  # benchmarks/ is on sys.path when run as a script
+from _timing import TIMING_BUDGET, device_sync, print_table, time_variants  # benchmarks/ is on sys.path when run as a script
 
 CONTROLLERS = [("vanilla", None, {}), ("fixed", "fixed", {}), ("cr", "cr", {"epochs": 10}), ("ace", "ace", {}),
                ("ace-resilient", "ace-resilient", {}), ("recm", "recm", {})]
@@ -66,7 +66,7 @@ def main():
         variants[label] = (model, equirelax.relax(model, controller, branch=args.branch, rank=args.rank,
                                                   adapter="nequip", total_steps=TIMING_BUDGET, **options)
                            if controller else None)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync = device_sync(args.device)
 
     def loss(model):
         out = model(dict(batch))

@@ -111,6 +111,11 @@ class ACE(Controller):
     def budgeted(self) -> bool:
         return self.options["dual"] == "budget"
 
+    @property
+    def reads_consistency(self) -> bool:
+        """Whether the slack comes from the task gradient's consistency (the resilient budget form)."""
+        return self.resilient and self.budgeted
+
     def setup(self, layers):
         self._build_plans(layers)
         for layer in layers.values():
@@ -125,7 +130,7 @@ class ACE(Controller):
     def _build_plans(self, layers):
         # built here, not in the training step (building reads the host layer's path factors on the host)
         keep = self.budgeted and self.options["keep_equivariant_part"]
-        read = self.resilient and self.budgeted
+        read = self.reads_consistency
         hosts = {name: self.adapter.merge_plan(layer) if (keep or read) and layer.has_projection else None
                  for name, layer in layers.items()}
         self.plans = {name: plan if keep else None for name, plan in hosts.items()}
@@ -136,10 +141,9 @@ class ACE(Controller):
         self._choose_taps()
 
     def _choose_taps(self):
-        read = self.resilient and self.budgeted
         for name, layer in self.layers.items():
             reader = self.readers.get(name)
-            layer.tap_gradient = read and isinstance(layer.branch, LowRankBranch) and (
+            layer.tap_gradient = self.reads_consistency and isinstance(layer.branch, LowRankBranch) and (
                 reader is None or not reader.linear.weight.requires_grad)  # (a frozen host layer has no gradient)
 
     # ------------------------------------------------------------- budget form

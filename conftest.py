@@ -43,3 +43,45 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "one_env" in item.keywords:
             item.add_marker(skip)
+
+
+def _probe_sides(handle, forward, structure_of_row):
+    """RECM's split of one probing forward (``forward()`` calls the relaxed model on a batch): per relaxed
+    layer, the side of each structure its rows were given (``structure_of_row``: the structure index of each
+    row), asserting that the sides came from the batch's samples (not the position fallback) and that every
+    row of a structure is on the same side."""
+    from equirelax.core.layer import RelaxedLayer
+
+    seen = {}
+    original = RelaxedLayer._second_map_rows
+
+    def spy(layer, x):
+        from_samples = layer.__dict__.get("sample_sides") is not None
+        rows = original(layer, x)
+        seen[layer] = (from_samples, rows)
+        return rows
+
+    RelaxedLayer._second_map_rows = spy
+    try:
+        for layer in handle.layers.values():
+            layer.probing = True
+        forward()
+    finally:
+        RelaxedLayer._second_map_rows = original
+        for layer in handle.layers.values():
+            layer.probing, layer.probe_sums, layer.probe_leaves = False, None, None
+    sides = {}
+    for name, layer in handle.layers.items():
+        from_samples, rows = seen[layer]
+        assert from_samples and rows.shape == structure_of_row.shape, name
+        per_structure = {}
+        for structure, side in zip(structure_of_row.tolist(), rows.tolist()):
+            assert per_structure.setdefault(structure, side) == side, (name, structure)
+        sides[name] = per_structure
+    return sides
+
+
+@pytest.fixture(scope="session")
+def probe_sides():
+    """``probe_sides(handle, forward, structure_of_row)``: see ``_probe_sides``."""
+    return _probe_sides

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+
+from ..core.samples import row_sides, structure_sides
 
 
 @dataclass
@@ -53,6 +56,21 @@ class Adapter:
         """The layer's name in logs, reports and plots: the module path without the host's fixed wrappers."""
         return name
 
+    # where a host's batch (a dict or graph-data object) keeps the atoms' positions and each atom's structure
+    positions_key = "positions"
+    batch_key = "batch"
+
+    def sample_sides(self, args: tuple, kwargs: dict):
+        """Which of RECM's two probe maps learns from each sample of the batch the model is called on (bool per
+        row of the relaxed layers' inputs, or None: split by position): a hash of each sample's raw input
+        (``equirelax.core.samples``). A tensor input: one sample per index along its first axis. A host
+        batch with positions: one sample per structure, each of its atoms on the structure's side."""
+        inputs = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(inputs, torch.Tensor):
+            return row_sides(inputs) if inputs.dim() >= 1 and inputs.shape[0] > 0 else None
+        positions, batch = _lookup(inputs, self.positions_key), _lookup(inputs, self.batch_key)
+        return None if positions is None else structure_sides(positions, batch)
+
     def merge(self, layer, weight) -> None:
         """Fold ``weight`` (dense [dim_out, dim_in_features], equivariant) into ``layer.base``."""
         raise NotImplementedError
@@ -65,3 +83,12 @@ class Adapter:
         loss's derivative along that map, from the host weights' gradient, or None) lets ACE-resilient read a
         low-rank branch's task gradient without extra work in the training step (e3nn's ``MergePlan``)."""
         return None
+
+
+def _lookup(inputs, key):
+    """``inputs[key]`` when ``inputs`` is a dict-like batch holding a tensor there, else None."""
+    try:
+        value = inputs[key]
+    except (KeyError, TypeError, IndexError, AttributeError):
+        return None
+    return value if isinstance(value, torch.Tensor) else None

@@ -27,6 +27,7 @@ def _is_nequip_class(module) -> bool:
 
 class NequipAdapter(E3nnAdapter):
     name = "nequip"
+    positions_key = "pos"  # the batch keys of its data (the atoms' structure index is "batch", as in MACE)
 
     def matches(self, model):
         return any(_is_nequip_class(m) for m in model.modules()) and bool(self.candidates(model))

@@ -29,6 +29,7 @@ DEFAULT_TARGETS = ("*_self_interaction_1.linear", "*_self_interaction_2.linear")
 
 class SevenNetAdapter(E3nnAdapter):
     name = "sevenn"
+    positions_key = "pos"  # the batch keys of its data (the atoms' structure index is "batch", as in MACE)
 
     def matches(self, model):
         return isinstance(model, AtomGraphSequential)

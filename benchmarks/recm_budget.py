@@ -3,16 +3,15 @@
 seeds.
 
     .venv-mace/bin/python benchmarks/recm_budget.py [--epochs 20 60] [--seeds 12] [--lr 1e-2] [--options '{"warmup": 0.5}']
-        [--kinds field symmetric] [--shuffle] [--measure-only] [--split-samples]
+        [--kinds field symmetric] [--shuffle] [--measure-only] [--split-by-position]
 
 ``--shuffle`` draws the batches in a new order every epoch, as hosts' data loaders do (the README's loop
 keeps one order, so each sample always meets the same probe map). ``--measure-only`` sets every level
 back to 0 after each of RECM's updates: RECM still measures, but the branch never trains, which separates
 what the probe maps read by themselves from a feedback through a branch that has fitted the data.
-``--split-samples`` makes every batch 32 samples of the even-indexed half of the set followed by 32 of the
-odd-indexed half, so RECM's first probe map only ever sees one half of the set and its second map the other
-(by default each map meets every sample over the epochs): what the two maps then agree on is what the two
-halves share.
+``--split-by-position`` gives RECM's first probe map the first half of each batch's rows and the second map
+the rest, as before the maps were split by sample: over reshuffled epochs each map then meets every sample
+(by default each sample's hash sends it to one map, in every epoch).
 
 Per budget and data: each layer's end level (median and range over seeds), how many seeds end with some
 layer above 0.1, the median share of epochs at whose end every level was 0, and the test MSE (median over
@@ -30,6 +29,7 @@ import torch
 import mace  # noqa: F401  (e3nn 0.4.4 imports under torch >= 2.6 only after mace)
 import equirelax
 from equirelax import hookimpl
+from equirelax.core.samples import remove_sample_split
 from equirelax.datasets.synthetic import gated_e3nn_model, make_task
 
 TARGETS = ["0", "2"]
@@ -45,7 +45,7 @@ class HoldLevelsAtZero:
 
 
 def run(kind: str, epochs: int, seed: int, options: dict, lr: float = 1e-2, shuffle: bool = False,
-        measure_only: bool = False, split_samples: bool = False):
+        measure_only: bool = False, split_by_position: bool = False):
     """The README example with ``epochs`` epochs: (end levels, levels after each epoch, test MSE); with
     ``measure_only`` the levels are the ones RECM's gap would set, min(1, gap/τ)."""
     torch.manual_seed(seed)
@@ -55,6 +55,8 @@ def run(kind: str, epochs: int, seed: int, options: dict, lr: float = 1e-2, shuf
                              **options)
     if measure_only:
         handle.plugins.register(HoldLevelsAtZero())
+    if split_by_position:
+        remove_sample_split(model)
     optimizer = handle.wrap(torch.optim.Adam(model.parameters(), lr=lr))
     order = torch.Generator().manual_seed(seed)
     history = []
@@ -68,10 +70,6 @@ def run(kind: str, epochs: int, seed: int, options: dict, lr: float = 1e-2, shuf
 
     for _ in range(epochs):
         rows = torch.randperm(512, generator=order) if shuffle else torch.arange(512)
-        if split_samples:  # (RECM's probes take the first half of a batch's rows for one map, the rest for the other)
-            halves = [half[torch.randperm(256, generator=order)] if shuffle else half
-                      for half in (torch.arange(0, 512, 2), torch.arange(1, 512, 2))]
-            rows = torch.cat([torch.cat([halves[0][i:i + 32], halves[1][i:i + 32]]) for i in range(0, 256, 32)])
         for i in range(0, 512, 64):
             batch = rows[i:i + 64]
             optimizer.zero_grad()
@@ -94,8 +92,8 @@ def main():
     parser.add_argument("--kinds", nargs="+", default=["field", "symmetric"], choices=["field", "symmetric"])
     parser.add_argument("--shuffle", action="store_true", help="a new batch order every epoch")
     parser.add_argument("--measure-only", action="store_true", help="hold every level at 0 (RECM still measures)")
-    parser.add_argument("--split-samples", action="store_true",
-                        help="each probe map learns from its own half of the set")
+    parser.add_argument("--split-by-position", action="store_true",
+                        help="each probe map learns from its half of each batch's rows, not of the samples")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print("| data | epochs (steps) | " + " | ".join(f"level {t}: median [min, max]" for t in TARGETS)
@@ -103,7 +101,8 @@ def main():
     print("|---|---|" + "---|" * len(TARGETS) + "---|---|---|")
     for kind in args.kinds:
         for epochs in args.epochs:
-            runs = [run(kind, epochs, seed, args.options, args.lr, args.shuffle, args.measure_only, args.split_samples)
+            runs = [run(kind, epochs, seed, args.options, args.lr, args.shuffle, args.measure_only,
+                       args.split_by_position)
                     for seed in range(args.seeds)]
             cells = []
             for target in TARGETS:

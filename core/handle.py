@@ -13,6 +13,7 @@ from . import hookspecs
 from .controllers import get_controller
 from .distributed import all_ranks_true
 from .layer import RelaxedLayer
+from .samples import install_sample_split
 
 STATE_FORMAT = 1
 NONFINITE_POLICIES = ("warn", "raise")
@@ -48,6 +49,8 @@ class RelaxHandle:
             layer.add_state("nonfinite", torch.zeros((), dtype=torch.long))
             layer.relax_config = {**config, "controller": controller.name, "options": dict(controller.options)}
             layer._handle = self
+        if controller.needs_probe:  # RECM's probe maps each learn from their own half of the samples
+            install_sample_split(model, layers.values(), adapter)
         self.hook.equirelax_model_patched(handle=self, layers=layers)
 
     @classmethod

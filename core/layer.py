@@ -67,6 +67,8 @@ class RelaxedLayer(nn.Module):
         # last probe: (⟨P⊥V_a x, P⊥V_b x⟩, ‖P⊥(V_a − V_b)x‖²/2, ‖f_eq(x)‖², ‖P⊥V_a x‖², ‖P⊥V_b x‖²)
         self.probe_sums: tuple | None = None
         self.probe_leaves: tuple | None = None  # (A, B) leaves of the last probing step, for RECM's update
+        # which probe map learns from each row's sample (True: V_b), set per probing step by RECM's SampleSplit
+        self.sample_sides: torch.Tensor | None = None
         self.cached_inputs: list[torch.Tensor] = []
         self.sample: tuple[torch.Tensor, torch.Tensor] | None = None  # (branch input, f_eq output) rows, last step
         self._positions: torch.Tensor | None = None
@@ -225,8 +227,8 @@ class RelaxedLayer(nn.Module):
 
     def probing_forward(self, out: torch.Tensor, x: torch.Tensor, recording: bool) -> torch.Tensor:
         """f_eq(x) + γ·P(W)x + c·P⊥(V)x: the branch's equivariant part kept (not trained here) and its
-        non-equivariant part replaced by a probe map V (V_a on the first half of the rows, V_b on the
-        rest), trained at full strength whatever γ is. On large layers the projections are applied through
+        non-equivariant part replaced by a probe map V (V_a on the rows of one half of the samples, V_b on
+        the other's: ``_second_map_rows``), trained at full strength whatever γ is. On large layers the projections are applied through
         their block scalars and the probe maps through their rank, so a probing step costs about what a plain
         one does (forming the dense maps made it ~1.6× a plain MACE step)."""
         rows = x.reshape(-1, x.shape[-1])
@@ -259,8 +261,7 @@ class RelaxedLayer(nn.Module):
                     [projector.lowrank_coefficients(branch.B.detach(), branch.A.detach())
                      if isinstance(branch, LowRankBranch) else projector.coefficients(branch.weight.detach())],
                     rows)[0]
-        half = rows.shape[0] // 2
-        correction = torch.cat([first[:half], second[half:]])
+        correction = torch.where(self._second_map_rows(x)[:, None], second, first)
         if recording:
             first, second = first.detach(), second.detach()
             self.probe_sums = ((first * second).sum(), (first - second).pow(2).sum() / 2, out.detach().pow(2).sum(),
@@ -268,6 +269,16 @@ class RelaxedLayer(nn.Module):
         if kept is not None:
             correction = correction + self.gamma.detach().to(x.dtype) * kept
         return out + correction.reshape(*x.shape[:-1], -1)
+
+    def _second_map_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Per row of ``x``, whether V_b (not V_a) learns from it: by the row's sample where the batch's sample
+        sides match ``x``'s leading axis (each sample's rows on one side, the same in every epoch), else the
+        second half of the rows."""
+        sides, self.sample_sides = self.__dict__.get("sample_sides"), None  # one batch's sides, one forward
+        if sides is not None and x.dim() >= 2 and sides.shape[0] == x.shape[0]:
+            return sides.to(x.device).reshape(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1]).reshape(-1)
+        rows = x.reshape(-1, x.shape[-1]).shape[0]
+        return torch.arange(rows, device=x.device) >= rows // 2
 
     # ----------------------------------------------------------------- forward
     def forward(self, *args, **kwargs):
@@ -316,7 +327,7 @@ class RelaxedLayer(nn.Module):
         # per-step caches and device-side index copies are not part of a saved model
         state = self.__dict__.copy()
         state.update(cached_inputs=[], _positions=None, _projector=None, _handle=None, sample=None, probe_sums=None,
-                     probe_leaves=None, tapped=None)
+                     probe_leaves=None, tapped=None, sample_sides=None)
         state.update(probing=False)  # a saved model is never mid-probe; RECM sets it on resume
         return state
 

@@ -14,6 +14,7 @@ from .controllers import get_controller
 from .handle import NONFINITE_POLICIES, RelaxHandle
 from .irreps import check_group
 from .layer import RelaxedLayer
+from .samples import remove_sample_split
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module):
@@ -188,6 +189,7 @@ def export(model: nn.Module, mode: str = "merge", *, inplace: bool = True) -> nn
         raise ValueError(f"equirelax: unknown export mode {mode!r}; choose one of {(*EXPORT_MODES, DEPLOY_MODE)}")
     if not inplace:
         model = copy.deepcopy(model)
+    remove_sample_split(model)
     relaxed = {n: m for n, m in model.named_modules() if isinstance(m, RelaxedLayer)}
     outermost = {n: m for n, m in relaxed.items() if not any(n.startswith(o + ".") for o in relaxed if o != n)}
     if not relaxed:
@@ -227,6 +229,7 @@ def _freeze(model: nn.Module) -> nn.Module:
     relaxed = {n: m for n, m in model.named_modules() if isinstance(m, RelaxedLayer)}
     if not relaxed:
         raise ValueError("equirelax: the model has no relaxed layer to export")
+    remove_sample_split(model)
     for name, layer in relaxed.items():
         if any(name.startswith(o + ".") for o in relaxed if o != name):
             continue

@@ -425,3 +425,24 @@ def test_exported_package_compiles_with_nequip_compile(plain_package, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.is_file() and out.stat().st_size > 0
+
+
+def test_recm_gives_each_structure_of_a_nequip_batch_to_one_probe_map_whatever_the_batch(runs, data, probe_sides):
+    """NequIP's batches keep positions and each atom's structure as ``pos`` and ``batch``: every atom of a
+    structure on one side in every relaxed layer, the same side when the structures come in another order."""
+    from ase.io import read
+
+    from equirelax import RelaxHandle
+    from equirelax.adapters.nequip import nequip_batch
+
+    model = load(runs["recm"] / "best.ckpt").train()
+    handle = RelaxHandle.attach(model)
+    frames = read(data / "train.xyz", ":8")
+    split = []
+    for order in (list(range(8)), [5, 2, 7, 0, 3, 6, 1, 4]):
+        batch = nequip_batch([frames[i] for i in order], TYPE_NAMES, 4.5)
+        sides = probe_sides(handle, lambda: model(dict(batch)), batch["batch"])
+        split.append([{order[k]: side for k, side in per_layer.items()} for per_layer in sides.values()])
+    first = split[0][0]
+    assert len(split[0]) == len(handle.layers) and all(per_layer == first for run in split for per_layer in run)
+    assert 0 < sum(first.values()) < 8

@@ -370,3 +370,27 @@ def test_compare_fine_tunes_sevennet_vanilla_and_relaxed(tmp_path):
     # ACE closed at the budget's end: the exported and relaxed models predict the same
     assert ace["test"]["relaxed"]["force_mae_mev_per_a"] == pytest.approx(
         ace["test"]["equivariant"]["force_mae_mev_per_a"], rel=1e-4)
+
+
+def test_recm_gives_each_structure_of_a_sevenn_batch_to_one_probe_map_whatever_the_batch(sevennet, probe_sides):
+    """SevenNet's batches keep positions and each atom's structure as ``pos`` and ``batch``: every atom of a
+    structure on one side in every relaxed layer, the same side when the structures come in another order."""
+    import copy
+
+    from sevenn.atom_graph_data import AtomGraphData
+    from sevenn.train.dataload import unlabeled_atoms_to_graph
+    from torch_geometric.data import Batch
+
+    model = copy.deepcopy(sevennet).train()
+    model.set_is_batch_data(True)
+    handle = equirelax.relax(model, "recm", adapter="sevenn", total_steps=100)
+    frames = emt_configurations(6, seed=4)
+    graphs = [AtomGraphData.from_numpy_dict(unlabeled_atoms_to_graph(atoms, 5.0)) for atoms in frames]
+    split = []
+    for order in (list(range(6)), [4, 1, 5, 0, 3, 2]):
+        batch = Batch.from_data_list([graphs[i] for i in order])
+        sides = probe_sides(handle, lambda: model(batch.clone()), batch["batch"])
+        split.append([{order[k]: side for k, side in per_layer.items()} for per_layer in sides.values()])
+    first = split[0][0]
+    assert len(split[0]) == 10 and all(per_layer == first for run in split for per_layer in run)
+    assert 0 < sum(first.values()) < 6

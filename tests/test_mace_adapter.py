@@ -123,3 +123,19 @@ def test_ace_resilient_reads_the_same_task_gradient_off_maces_weights_as_from_ze
     assert sum(value != 0.0 for value in reads[1].values()) == 3
     for name in reads[0]:
         assert reads[0][name] == pytest.approx(reads[1][name], rel=1e-6, abs=1e-12), name
+
+
+def test_recm_gives_each_structure_of_a_mace_batch_to_one_probe_map_whatever_the_batch(probe_sides):
+    """Every atom of a structure on one side in every relaxed layer, the same side when the structures come in
+    another order (the host reshuffling its batches)."""
+    model, table = tiny_mace()
+    handle = equirelax.relax(model, "recm", total_steps=100)
+    frames = emt_configurations(8, seed=0)
+    split = []
+    for order in (list(range(8)), [5, 2, 7, 0, 3, 6, 1, 4]):
+        batch = mace_batch([frames[i] for i in order], table, cutoff=4.0)
+        sides = probe_sides(handle, lambda: model(batch, training=True, compute_force=True), batch["batch"])
+        split.append([{order[k]: side for k, side in per_layer.items()} for per_layer in sides.values()])
+    first = split[0][0]
+    assert all(per_layer == first for run in split for per_layer in run)
+    assert 0 < sum(first.values()) < 8

@@ -10,8 +10,8 @@ Probe. Each relaxed layer gets two probe maps V_a, V_b of rank ``probe_rank``
 a finite training set's own orientations, which a dense map does). Every
 ``probe_every``-th training step is a probing step: the layer
 computes f_eq(x) + γ·P(W)x + c·P⊥(V)x with c = rms(f_eq(x)) / rms(x), i.e. the
-branch's non-equivariant part is replaced by V's (V_a on the first half of the rows, V_b on the second), at full
-strength whatever γ is (the branch is not trained on that step; the host model
+branch's non-equivariant part is replaced by V's (V_a on the rows of one half of
+the training samples, V_b on the other's), at full strength whatever γ is (the branch is not trained on that step; the host model
 is, as on any step). The V are RECM's own instrument, not the host's: buffers
 that RECM trains itself on these steps only, by Adam with the step ``probe_lr``
 (c makes B's entries fractions of the layer's output, whatever the data's
@@ -25,10 +25,19 @@ the layer's: larger maps measure nothing more, they would only perturb the host
 model on probing steps, and under a slowly learning host two unbounded maps
 drift apart to the size of the output itself, burying the gap in ν².
 
+Split. A sample's half is a hash of its own raw input (``equirelax.core.samples``),
+so it is the same in every epoch whatever batch the host draws it in: a
+structure's positions for MACE, NequIP and SevenNet (every atom of a structure on
+its side), a row of a plain model's input tensor. Maps that both met every sample
+(a split of each batch's rows by position, under a host that reshuffles) agreed
+on the finite set's own orientations. A layer whose rows match neither (edge
+features, say) falls back to the two halves of its rows; an EGNN's input has no
+structure index, so its atoms are keyed one by one.
+
 Gap. On each probing step the layer measures the size of that correction
 relative to its own output over all the batch's rows,
     b² = ⟨P⊥(V_a)x, P⊥(V_b)x⟩ / ‖f_eq(x)‖²:
-the two maps learn from disjoint rows, so the noise each picks up (an optimizer
+the two maps learn from disjoint samples, so the noise each picks up (an optimizer
 random-walks on a pure-noise gradient) is independent and drops out of the
 inner product in expectation, where ‖P⊥(V)x‖² would keep it. The inner product
 of two independent noises still scatters, by about ν²/√p with ν² = ‖P⊥(V_a −
@@ -63,16 +72,12 @@ What it cannot tell apart:
 - an equivariant target sampled in a few fixed frames (a small set whose
   orientations are not spread out) from a real broken symmetry: to the model the
   data *is* not symmetric; orientation-dependent noise looks like a weak field;
-- a finite symmetric training set from a real broken symmetry while the host is
-  still far from fitting it: the residual's part particular to the set's
-  orientations is then large and both maps learn it (the README example at Adam
-  lr 1e-3, 512 samples: symmetric data read a level > 0.1 in 4 of 12 runs of 480
-  steps, 0 of 12 at lr 1e-2; with the batches reshuffled every epoch 9 and 2 of 12).
-  The maps read it by themselves (as often with every level held at 0): they
-  split each batch's rows by position, so over the epochs both meet every sample
-  and learn the same set's orientations. Maps that each learn from their own half
-  of the set read 1 of 12 there (reshuffled, both rates) and the field as before
-  (BENCHMARKS.md), but a layer sees no sample identity to split by;
+- a finite symmetric training set from a real broken symmetry, now and then: maps
+  that learn from disjoint halves of the set share none of its orientations, yet for
+  some initialisations the two halves ask for a common correction (it grows over the
+  run, with the host frozen too; why is not established). On the README example at
+  Adam lr 1e-3, batches reshuffled, 1 of 12 runs reads a level > 0.1 (9 of 12 when
+  both maps met every sample; BENCHMARKS.md);
 - which of several layers should carry a correction that each of them could
   make: a layer downstream of the one where the breaking enters reads a level
   too (each layer's maps are bounded, so none absorbs the whole correction);

@@ -15,6 +15,26 @@ import torch
 import equirelax
 
 TIMING_BUDGET = 10**6  # the budget controllers pace themselves by; a timing run takes only a few of its steps
+# the host benchmarks' rows: (label, controller, options), every controller at its defaults
+CONTROLLERS = [("vanilla", None, {}), ("fixed", "fixed", {}), ("cr", "cr", {"epochs": 10}), ("ace", "ace", {}),
+               ("ace-resilient", "ace-resilient", {}), ("recm", "recm", {})]
+
+
+def add_controllers_option(parser):
+    parser.add_argument("--controllers", nargs="+", choices=[label for label, controller, _ in CONTROLLERS if controller],
+                        help="only these rows besides vanilla (e.g. fixed ace-resilient)")
+
+
+def relaxed_variants(base, relax, only=None) -> dict:
+    """``{label: (model, handle or None)}``: a deep copy of ``base`` per row of CONTROLLERS (``only``: just these
+    besides vanilla), relaxed by ``relax(model, controller, options)``."""
+    variants = {}
+    for label, controller, options in CONTROLLERS:
+        if controller and only and label not in only:
+            continue
+        model = copy.deepcopy(base)
+        variants[label] = (model, relax(model, controller, options) if controller else None)
+    return variants
 
 
 def device_sync(device: str):

@@ -12,17 +12,14 @@ model of each controller with the vanilla model of the same size.
 from __future__ import annotations
 
 import argparse
-import copy
 
 import numpy as np
 import torch
 
 import mace  # noqa: F401
 import equirelax
-from _timing import TIMING_BUDGET, device_sync, print_table, time_variants  # benchmarks/ is on sys.path when run as a script
-
-CONTROLLERS = [("vanilla", None, {}), ("fixed", "fixed", {}), ("cr", "cr", {"epochs": 10}), ("ace", "ace", {}),
-               ("ace-resilient", "ace-resilient", {}), ("recm", "recm", {})]
+from _timing import (TIMING_BUDGET, add_controllers_option, device_sync, print_table, relaxed_variants,
+                     time_variants)  # benchmarks/ is on sys.path when run as a script
 
 
 def build(hidden: str):
@@ -59,22 +56,15 @@ def main():
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--branch", default="linear", choices=["linear", "lowrank", "mlp"])
     parser.add_argument("--rank", type=int, default=None, help="rank of a lowrank branch (default 8)")
-    parser.add_argument("--controllers", nargs="+", choices=[label for label, controller, _ in CONTROLLERS if controller],
-                        help="only these rows besides vanilla (e.g. fixed ace-resilient)")
+    add_controllers_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(getattr(torch, args.dtype))
     base, table = build(args.hidden)
     base.to(args.device)
     batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in make_batch(table).items()}
-    variants = {}
-    for label, controller, options in CONTROLLERS:
-        if controller and args.controllers and label not in args.controllers:
-            continue
-        model = copy.deepcopy(base)
-        variants[label] = (model, equirelax.relax(model, controller, branch=args.branch, rank=args.rank,
-                                                 total_steps=TIMING_BUDGET, **options)
-                           if controller else None)
+    variants = relaxed_variants(base, lambda model, controller, options: equirelax.relax(
+        model, controller, branch=args.branch, rank=args.rank, total_steps=TIMING_BUDGET, **options), args.controllers)
 
     def loss(model):
         out = model(batch, training=True, compute_force=True)

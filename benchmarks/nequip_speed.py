@@ -11,15 +11,13 @@ callback runs it. Variants are timed interleaved; medians of repeats.
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
 
 import equirelax
-from _timing import TIMING_BUDGET, device_sync, print_table, time_variants  # benchmarks/ is on sys.path when run as a script
+from _timing import (TIMING_BUDGET, add_controllers_option, device_sync, print_table, relaxed_variants,
+                     time_variants)  # benchmarks/ is on sys.path when run as a script
 
-CONTROLLERS = [("vanilla", None, {}), ("fixed", "fixed", {}), ("cr", "cr", {"epochs": 10}), ("ace", "ace", {}),
-               ("ace-resilient", "ace-resilient", {}), ("recm", "recm", {})]
 TYPE_NAMES = ["Al", "Cu"]
 
 
@@ -52,20 +50,14 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--branch", default="linear", choices=["linear", "lowrank", "mlp"])
     parser.add_argument("--rank", type=int, default=None, help="rank of a lowrank branch (default 8)")
-    parser.add_argument("--controllers", nargs="+", choices=[label for label, controller, _ in CONTROLLERS if controller],
-                        help="only these rows besides vanilla (e.g. fixed ace-resilient)")
+    add_controllers_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = build(args.features, args.l_max, args.layers, args.dtype).to(args.device)
     batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in make_batch().items()}
-    variants = {}
-    for label, controller, options in CONTROLLERS:
-        if controller and args.controllers and label not in args.controllers:
-            continue
-        model = copy.deepcopy(base)
-        variants[label] = (model, equirelax.relax(model, controller, branch=args.branch, rank=args.rank,
-                                                  adapter="nequip", total_steps=TIMING_BUDGET, **options)
-                           if controller else None)
+    variants = relaxed_variants(base, lambda model, controller, options: equirelax.relax(
+        model, controller, branch=args.branch, rank=args.rank, adapter="nequip", total_steps=TIMING_BUDGET,
+        **options), args.controllers)
     sync = device_sync(args.device)
 
     def loss(model):

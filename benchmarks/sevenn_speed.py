@@ -14,15 +14,11 @@ Variants are timed interleaved; medians of repeats.
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
 
 import equirelax
-from _timing import TIMING_BUDGET, print_table, time_variants  # benchmarks/ is on sys.path when run as a script
-
-CONTROLLERS = [("vanilla", None, {}), ("fixed", "fixed", {}), ("cr", "cr", {"epochs": 10}), ("ace", "ace", {}),
-               ("ace-resilient", "ace-resilient", {}), ("recm", "recm", {})]
+from _timing import TIMING_BUDGET, add_controllers_option, print_table, relaxed_variants, time_variants  # benchmarks/ is on sys.path when run as a script
 
 
 def make_batch(n: int, cutoff: float):
@@ -49,17 +45,16 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--branch", default="linear", choices=["linear", "lowrank", "mlp"])
+    add_controllers_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from sevenn.util import model_from_checkpoint, pretrained_name_to_path
 
     base, config = model_from_checkpoint(pretrained_name_to_path("7net-0"))
     batch = make_batch(args.clusters, float(config["cutoff"]))
-    variants = {}
-    for label, controller, options in CONTROLLERS:
-        model = copy.deepcopy(base)
-        variants[label] = (model, equirelax.relax(model, controller, adapter="sevenn", branch=args.branch,
-                                                  total_steps=TIMING_BUDGET, **options) if controller else None)
+    variants = relaxed_variants(base, lambda model, controller, options: equirelax.relax(
+        model, controller, adapter="sevenn", branch=args.branch, total_steps=TIMING_BUDGET, **options),
+        args.controllers)
 
     def forward(model):
         data = batch.clone()

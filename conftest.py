@@ -48,15 +48,15 @@ def pytest_collection_modifyitems(config, items):
 def _probe_sides(handle, forward, structure_of_row):
     """RECM's split of one probing forward (``forward()`` calls the relaxed model on a batch): per relaxed
     layer, the side of each structure its rows were given (``structure_of_row``: the structure index of each
-    row), asserting that the sides came from the batch's samples (not the position fallback) and that every
-    row of a structure is on the same side."""
+    row, or a tuple of such for layers of different rows, nodes and edges), asserting that the sides came
+    from the batch's samples (not the position fallback) and that every row of a structure is on one side."""
     from equirelax.core.layer import RelaxedLayer
 
     seen = {}
     original = RelaxedLayer._second_map_rows
 
     def spy(layer, x):
-        from_samples = layer.__dict__.get("sample_sides") is not None
+        from_samples = any(sides.shape[0] == x.shape[0] for sides in layer.__dict__.get("sample_sides") or ())
         rows = original(layer, x)
         seen[layer] = (from_samples, rows)
         return rows
@@ -71,11 +71,13 @@ def _probe_sides(handle, forward, structure_of_row):
         for layer in handle.layers.values():
             layer.probing, layer.probe_sums, layer.probe_leaves = False, None, None
     sides = {}
+    candidates = structure_of_row if isinstance(structure_of_row, tuple) else (structure_of_row,)
     for name, layer in handle.layers.items():
         from_samples, rows = seen[layer]
-        assert from_samples and rows.shape == structure_of_row.shape, name
+        structures = next((ids for ids in candidates if ids.shape == rows.shape), None)
+        assert from_samples and structures is not None, name
         per_structure = {}
-        for structure, side in zip(structure_of_row.tolist(), rows.tolist()):
+        for structure, side in zip(structures.tolist(), rows.tolist()):
             assert per_structure.setdefault(structure, side) == side, (name, structure)
         sides[name] = per_structure
     return sides

@@ -56,20 +56,33 @@ class Adapter:
         """The layer's name in logs, reports and plots: the module path without the host's fixed wrappers."""
         return name
 
-    # where a host's batch (a dict or graph-data object) keeps the atoms' positions and each atom's structure
+    # where a host's batch (a dict or graph-data object) keeps the atoms' positions, each atom's structure and
+    # the edges (sender row first)
     positions_key = "positions"
     batch_key = "batch"
+    edge_key = "edge_index"
 
-    def sample_sides(self, args: tuple, kwargs: dict):
+    def sample_sides(self, args: tuple):
         """Which of RECM's two probe maps learns from each sample of the batch the model is called on (bool per
-        row of the relaxed layers' inputs, or None: split by position): a hash of each sample's raw input
-        (``equirelax.core.samples``). A tensor input: one sample per index along its first axis. A host
-        batch with positions: one sample per structure, each of its atoms on the structure's side."""
-        inputs = args[0] if args else next(iter(kwargs.values()), None)
+        row of the relaxed layers' inputs, or None: split by position): a hash of each sample's raw input, the
+        model's first positional argument (``equirelax.core.samples``). A tensor: one sample per index along
+        its first axis. A host batch with positions: one sample per structure, each of its atoms on the
+        structure's side."""
+        inputs = args[0] if args else None
         if isinstance(inputs, torch.Tensor):
             return row_sides(inputs) if inputs.dim() >= 1 and inputs.shape[0] > 0 else None
         positions, batch = _lookup(inputs, self.positions_key), _lookup(inputs, self.batch_key)
         return None if positions is None else structure_sides(positions, batch)
+
+    def edge_index(self, args: tuple):
+        """The batch's edges ``[2, n_edges]`` (None: none found), so that a layer whose rows are edges gives
+        each edge its sender's side: ``edge_key`` of a host batch, or a plain model's first ``[2, n]``
+        integer argument."""
+        if args and not isinstance(args[0], torch.Tensor):
+            edges = _lookup(args[0], self.edge_key)
+            return edges if edges is not None and edges.dim() == 2 and edges.shape[0] == 2 else None
+        return next((arg for arg in args[1:] if isinstance(arg, torch.Tensor) and not arg.is_floating_point()
+                     and arg.dim() == 2 and arg.shape[0] == 2), None)
 
     def merge(self, layer, weight) -> None:
         """Fold ``weight`` (dense [dim_out, dim_in_features], equivariant) into ``layer.base``."""

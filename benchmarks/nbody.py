@@ -71,7 +71,8 @@ def load(n, seed, field, node_charges=False):
 
 
 def batches(graph, targets, systems: int, batch: int, generator=None, particles: int = 5):
-    """Minibatches of whole systems (edge indices renumbered per batch), on the data's device."""
+    """Minibatches of whole systems (edge indices renumbered per batch), on the data's device, with each
+    node's system (its index in the data set)."""
     h, x, v, edges, attr = graph
     device = x.device
     # the order is drawn on the CPU generator, so a seed gives the same batches on every device
@@ -84,7 +85,7 @@ def batches(graph, targets, systems: int, batch: int, generator=None, particles:
         edge_rows = (chosen[:, None] * edges_per + edge_offsets).reshape(-1)
         local = edges[:, edge_rows] - (chosen * particles).repeat_interleave(edges_per)
         local = local + (torch.arange(len(chosen), device=device) * particles).repeat_interleave(edges_per)
-        yield (h[nodes], x[nodes], v[nodes], local, attr[edge_rows]), targets[nodes]
+        yield (h[nodes], x[nodes], v[nodes], local, attr[edge_rows]), targets[nodes], chosen.repeat_interleave(particles)
 
 
 def mse(model, graph, targets) -> float:
@@ -134,8 +135,10 @@ def on_device(data, device):
     return move(data)
 
 
-def train(name, data, seed, epochs, model_name="egnn", batch=100, setup="default", device="cpu", options=None):
-    """``options``: the controller's options over its defaults (``--controller-options``)."""
+def train(name, data, seed, epochs, model_name="egnn", batch=100, setup="default", device="cpu", options=None,
+          sample_ids=False):
+    """``options``: the controller's options over its defaults (``--controller-options``); ``sample_ids``: tell
+    RECM each node's system (``handle.set_samples``; otherwise it keys each node by its own inputs)."""
     data = on_device(data, device)
     (train_graph, train_targets, n_train), (valid_graph, valid_targets), (test_graph, test_targets) = data
     build, relax_options, export_mode, _, lr = MODELS[model_name]
@@ -156,7 +159,9 @@ def train(name, data, seed, epochs, model_name="egnn", batch=100, setup="default
     curve, gammas, seconds = [], [], []
     for _ in range(epochs):
         start = time.perf_counter()
-        for inputs, targets in batches(train_graph, train_targets, n_train, batch, generator):
+        for inputs, targets, systems in batches(train_graph, train_targets, n_train, batch, generator):
+            if handle is not None and sample_ids:  # RECM's probe maps each learn from their half of the systems
+                handle.set_samples(systems)
             optimizer.zero_grad()
             (model(*inputs) - targets).pow(2).mean().backward()
             optimizer.step()
@@ -301,6 +306,8 @@ def arguments():
                         help='JSON: options per controller over its defaults, e.g. \'{"ace": {"horizon": 0.5}}\'')
     parser.add_argument("--device", default="cpu", help="torch device to train on (cuda on a GPU)")
     parser.add_argument("--cache", type=Path, help="folder to keep --data egnn's generated splits in (made once)")
+    parser.add_argument("--sample-ids", action="store_true",
+                        help="RECM: give each node's system with handle.set_samples (default: each node keyed by itself)")
     parser.add_argument("--quick", action="store_true", help="smallest setting: 200 systems, 3 epochs, 1 seed")
     return parser
 
@@ -327,7 +334,7 @@ def main(argv=None):
             data = dataset(kind, args.train, args.test, seed, args.model, args.data, args.cache)
             for name in names:
                 result = train(name, data, seed, args.epochs, args.model, setup=args.setup, device=args.device,
-                               options=args.controller_options.get(name))
+                               options=args.controller_options.get(name), sample_ids=args.sample_ids)
                 results[kind][name].append(result)
                 print(f"{kind} seed {seed} {name}: test MSE relaxed {result['test_mse_relaxed']:.3e} projected "
                       f"{result['test_mse_projected']:.3e} ({result['seconds_per_epoch']:.2f} s/epoch)", flush=True)
@@ -340,7 +347,8 @@ def main(argv=None):
             else:
                 data = data or dataset(args.kinds[0], size, args.test, args.seeds[0], args.model, args.data, args.cache)
                 result = train(name, data, args.seeds[0], args.epochs, args.model, setup=args.setup,
-                               device=args.device, options=args.controller_options.get(name))
+                               device=args.device, options=args.controller_options.get(name),
+                               sample_ids=args.sample_ids)
             efficiency.setdefault(name, []).append([size, result["test_mse_relaxed"], result["test_mse_projected"]])
             print(f"size {size} {name}: {result['test_mse_relaxed']:.3e} / {result['test_mse_projected']:.3e}")
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

@@ -49,8 +49,8 @@ class RelaxHandle:
             layer.add_state("nonfinite", torch.zeros((), dtype=torch.long))
             layer.relax_config = {**config, "controller": controller.name, "options": dict(controller.options)}
             layer._handle = self
-        if controller.needs_probe:  # RECM's probe maps each learn from their own half of the samples
-            install_sample_split(model, layers.values(), adapter)
+        # RECM's probe maps each learn from their own half of the samples
+        self._sample_split = install_sample_split(model, layers.values(), adapter) if controller.needs_probe else None
         self.hook.equirelax_model_patched(handle=self, layers=layers)
 
     @classmethod
@@ -271,6 +271,19 @@ class RelaxHandle:
         for layer in self.layers.values():
             if layer.uses_positions:
                 layer.set_positions(positions)
+
+    def set_samples(self, samples: torch.Tensor | None):
+        """The sample each row of the model's next training inputs belongs to (integer ids, e.g. dataset
+        indices, along the first axis of the relaxed layers' inputs; None: read them off the inputs). RECM
+        gives each sample to one of its two probe maps by its id; without ids it hashes each sample's raw
+        input (a host batch's structures, a plain input's rows), which samples with identical inputs share.
+        Set it before every training forward; other controllers ignore it."""
+        if samples is not None and (not torch.is_tensor(samples) or samples.dtype.is_floating_point
+                                    or samples.dim() != 1):
+            raise ValueError("equirelax: set_samples takes a 1-D integer tensor of sample ids (one per row), "
+                             f"got {samples!r:.80}")
+        if self._sample_split is not None:
+            self._sample_split.samples = samples
 
     # ------------------------------------------------------------------ state
     def signature(self) -> dict:

@@ -67,8 +67,9 @@ class RelaxedLayer(nn.Module):
         # last probe: (⟨P⊥V_a x, P⊥V_b x⟩, ‖P⊥(V_a − V_b)x‖²/2, ‖f_eq(x)‖², ‖P⊥V_a x‖², ‖P⊥V_b x‖²)
         self.probe_sums: tuple | None = None
         self.probe_leaves: tuple | None = None  # (A, B) leaves of the last probing step, for RECM's update
-        # which probe map learns from each row's sample (True: V_b), set per probing step by RECM's SampleSplit
-        self.sample_sides: torch.Tensor | None = None
+        # which probe map learns from each row's sample (True: V_b): candidates (per node, per edge) set per
+        # probing step by RECM's SampleSplit, the one matching the layer's rows used
+        self.sample_sides: tuple = ()
         self.cached_inputs: list[torch.Tensor] = []
         self.sample: tuple[torch.Tensor, torch.Tensor] | None = None  # (branch input, f_eq output) rows, last step
         self._positions: torch.Tensor | None = None
@@ -271,12 +272,13 @@ class RelaxedLayer(nn.Module):
         return out + correction.reshape(*x.shape[:-1], -1)
 
     def _second_map_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Per row of ``x``, whether V_b (not V_a) learns from it: by the row's sample where the batch's sample
-        sides match ``x``'s leading axis (each sample's rows on one side, the same in every epoch), else the
-        second half of the rows."""
-        sides, self.sample_sides = self.__dict__.get("sample_sides"), None  # one batch's sides, one forward
-        if sides is not None and x.dim() >= 2 and sides.shape[0] == x.shape[0]:
-            return sides.to(x.device).reshape(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1]).reshape(-1)
+        """Per row of ``x``, whether V_b (not V_a) learns from it: by the row's sample where one of the batch's
+        candidate sides (per node, per edge) matches ``x``'s leading axis (each sample's rows on one side, the
+        same in every epoch), else the second half of the rows."""
+        candidates, self.sample_sides = self.__dict__.get("sample_sides") or (), ()  # one batch's, one forward
+        for sides in candidates:
+            if x.dim() >= 2 and sides.shape[0] == x.shape[0]:
+                return sides.to(x.device).reshape(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1]).reshape(-1)
         rows = x.reshape(-1, x.shape[-1]).shape[0]
         return torch.arange(rows, device=x.device) >= rows // 2
 
@@ -327,7 +329,7 @@ class RelaxedLayer(nn.Module):
         # per-step caches and device-side index copies are not part of a saved model
         state = self.__dict__.copy()
         state.update(cached_inputs=[], _positions=None, _projector=None, _handle=None, sample=None, probe_sums=None,
-                     probe_leaves=None, tapped=None, sample_sides=None)
+                     probe_leaves=None, tapped=None, sample_sides=())
         state.update(probing=False)  # a saved model is never mid-probe; RECM sets it on resume
         return state
 

@@ -39,6 +39,11 @@ def _side(residues: torch.Tensor) -> torch.Tensor:
     return (residues >> 15) & 1 == 1
 
 
+def id_sides(samples: torch.Tensor) -> torch.Tensor:
+    """Integer sample ids (dataset indices, say): one side per id."""
+    return _side(torch.remainder(samples.to(torch.int64), PRIME))
+
+
 def row_sides(inputs: torch.Tensor) -> torch.Tensor:
     """A plain model's input ``[n, ...]``: one side per sample (index along the first axis), from all its values."""
     return _side(_row_hash(inputs.reshape(inputs.shape[0], -1)))
@@ -57,21 +62,28 @@ def structure_sides(positions: torch.Tensor, batch: torch.Tensor | None = None) 
 
 class SampleSplit:
     """Forward pre-hook on a model relaxed under a probing controller: before a training forward on which
-    some layer probes, gives each probing layer the side of every sample of the batch (``adapter.sample_sides``).
-    A copied or pickled model keeps an inert hook (no layers); re-attaching a handle installs a live one."""
+    some layer probes, gives each probing layer the side of every sample of the batch: from the ids given
+    with ``handle.set_samples``, else from the inputs (``adapter.sample_sides``); and for layers whose rows
+    are the batch's edges, each edge's sender's side (``adapter.edge_index``). A copied or pickled model
+    keeps an inert hook (no layers); re-attaching a handle installs a live one."""
 
     def __init__(self, layers=(), adapter=None):
         self.layers = list(layers)
         self.adapter = adapter
+        self.samples = None  # ids from handle.set_samples
 
-    def __call__(self, module, args, kwargs):
+    def __call__(self, module, args):
         if not module.training:
             return None
         probing = [layer for layer in self.layers if layer.probing]
         if probing:
-            sides = self.adapter.sample_sides(args, kwargs)
+            sides = id_sides(self.samples) if self.samples is not None else self.adapter.sample_sides(args)
+            candidates = () if sides is None else (sides,)
+            edges = None if sides is None else self.adapter.edge_index(args)
+            if edges is not None:  # rows that are edges: the sender's side (clamped: never an indexing error)
+                candidates += (sides[edges[0].to(sides.device).clamp(0, sides.shape[0] - 1)],)
             for layer in probing:
-                layer.sample_sides = sides
+                layer.sample_sides = candidates
         return None
 
     def __reduce__(self):  # copies and saved models hold no live layers
@@ -83,11 +95,12 @@ def remove_sample_split(model: nn.Module) -> None:
     for module in model.modules():
         for key in [key for key, hook in module._forward_pre_hooks.items() if isinstance(hook, SampleSplit)]:
             del module._forward_pre_hooks[key]
-            module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def install_sample_split(model: nn.Module, layers, adapter) -> SampleSplit:
     remove_sample_split(model)
     hook = SampleSplit(layers, adapter)
-    model.register_forward_pre_hook(hook, with_kwargs=True)
+    # positional inputs only: a pickled model keeps its hooks' ids, and another process's new hooks may reuse
+    # them, so an id marked "with kwargs" would make torch call someone else's hook with kwargs
+    model.register_forward_pre_hook(hook)
     return hook

@@ -70,13 +70,14 @@ def test_probing_layers_get_each_training_batchs_sample_sides():
     x, _ = make_task("symmetric", 32)
     for layer in handle.layers.values():
         layer.probing = True
-    hook(model, (x,), {})
-    assert all(torch.equal(layer.sample_sides, row_sides(x)) for layer in handle.layers.values())
+    hook(model, (x,))
+    assert all(len(layer.sample_sides) == 1 and torch.equal(layer.sample_sides[0], row_sides(x))
+               for layer in handle.layers.values())
     model(x)  # each forward takes the sides it was given, and only those
-    assert all(layer.sample_sides is None for layer in handle.layers.values())
+    assert all(layer.sample_sides == () for layer in handle.layers.values())
     model.eval()
-    hook(model, (x,), {})  # evaluation never probes
-    assert all(layer.sample_sides is None for layer in handle.layers.values())
+    hook(model, (x,))  # evaluation never probes
+    assert all(layer.sample_sides == () for layer in handle.layers.values())
     assert not _live_hooks(equirelax.relax(gated_e3nn_model(), "ace", total_steps=100).model)
 
 
@@ -122,3 +123,75 @@ def test_each_probe_map_learns_only_from_its_own_samples(leading):
         assert torch.allclose(grads[1][key] / grads[1][key].norm(), alone[1][key] / alone[1][key].norm(),
                               atol=1e-9)
         assert float(alone[1][1 - key].norm()) == 0.0
+
+
+def test_sample_ids_set_on_the_handle_group_the_rows_of_each_sample(probe_sides):
+    """Systems batched without a structure index (an EGNN's nodes): ids given with ``handle.set_samples`` put
+    every row of a sample on one side, the same whatever batch it comes in."""
+    model = torch.nn.Sequential(o3.Linear("4x0e+2x1o", "4x0e+2x1o"))
+    handle = equirelax.relax(model, "recm", total_steps=100)
+    systems = torch.arange(40)
+    split = []
+    for order in (systems, systems.flip(0)):
+        ids = order.repeat_interleave(5)  # 5 rows per system
+        handle.set_samples(ids)
+        sides = probe_sides(handle, lambda: model(torch.randn(200, 10)), ids)
+        split.append(sides["0"])
+    assert split[0] == split[1] and 0 < sum(split[0].values()) < 40
+    handle.set_samples(None)  # back to the inputs' own rows
+    x = torch.randn(200, 10)
+    assert probe_sides(handle, lambda: model(x), torch.arange(200))["0"] == dict(enumerate(row_sides(x).tolist()))
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        handle.set_samples(torch.zeros(10))
+    equirelax.relax(gated_e3nn_model(), "ace", total_steps=10).set_samples(torch.arange(5))  # no probes: no-op
+
+
+def test_a_saved_model_runs_the_hooks_registered_where_it_is_loaded():
+    """A pickled model keeps its hooks' ids and a new process numbers its own hooks from 0 again: a hook
+    registered there under the saved one's id is called as registered (e3nn's ``set_irreps_debug`` hooks
+    take no kwargs)."""
+    from torch.utils.hooks import RemovableHandle
+
+    model = gated_e3nn_model()
+    equirelax.relax(model, "recm", total_steps=100)
+    (saved_id,) = [key for key, hook in model._forward_pre_hooks.items() if isinstance(hook, SampleSplit)]
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    calls = []
+    next_id = RemovableHandle.next_id
+    RemovableHandle.next_id = saved_id  # as in the process that loads it
+    try:
+        loaded.register_forward_pre_hook(lambda module, args: calls.append(len(args)))
+    finally:
+        RemovableHandle.next_id = max(next_id, RemovableHandle.next_id)
+    loaded.train()(make_task("symmetric", 8)[0])
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("ids", [True, False])
+def test_a_layer_whose_rows_are_edges_gives_each_edge_its_senders_side(probe_sides, ids):
+    """The steerable N-body model's message tensor products act on edges, its linears on nodes: with the
+    systems' ids from the loop every row of a system is on one side in both kinds of layer; without, every
+    edge is on its sender's side."""
+    pytest.importorskip("torch_geometric")  # (nbody_graph lives with the EGNN model)
+    from equirelax.datasets.nbody import charged_nbody
+    from equirelax.models.egnn import nbody_graph
+    from equirelax.models.steerable_nbody import SteerableNBody
+
+    data = charged_nbody(12, seed=0)
+    h, x, v, edges, attr = nbody_graph(data.positions, data.velocities, data.charges, True)
+    model = SteerableNBody("8x0e + 4x1o", layers=2, hidden=8)
+    handle = equirelax.relax(model, "recm", total_steps=100)
+    messages = [name for name in handle.layers if "message" in name]
+    assert messages and len(messages) < len(handle.layers)
+    system = torch.arange(12).repeat_interleave(5)
+    if ids:
+        handle.set_samples(system)
+        sides = probe_sides(handle, lambda: model(h, x, v, edges, attr), (system, system[edges[0]]))
+        assert len({tuple(per_layer.items()) for per_layer in sides.values()}) == 1  # one split, every layer
+    else:
+        node = torch.arange(60)
+        sides = probe_sides(handle, lambda: model(h, x, v, edges, attr), (node, edges[0]))
+        assert all(sides[name] == sides["embedding"] for name in messages)

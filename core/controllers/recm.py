@@ -28,11 +28,12 @@ drift apart to the size of the output itself, burying the gap in ν².
 Split. A sample's half is a hash of its own raw input (``equirelax.core.samples``),
 so it is the same in every epoch whatever batch the host draws it in: a
 structure's positions for MACE, NequIP and SevenNet (every atom of a structure on
-its side), a row of a plain model's input tensor. Maps that both met every sample
-(a split of each batch's rows by position, under a host that reshuffles) agreed
-on the finite set's own orientations. A layer whose rows match neither (edge
-features, say) falls back to the two halves of its rows; an EGNN's input has no
-structure index, so its atoms are keyed one by one.
+its side), a row of a plain model's input tensor, or the ids a loop gives with
+``handle.set_samples``. Rows that are the batch's edges take their sender's side
+(a host batch's ``edge_index``, a plain model's first [2, n] integer argument);
+rows that match nothing fall back to the two halves of the batch's rows. Maps that
+both met every sample (a split by position, under a host that reshuffles) agreed
+on the finite set's own orientations.
 
 Gap. On each probing step the layer measures the size of that correction
 relative to its own output over all the batch's rows,

@@ -57,7 +57,7 @@ class Adapter:
         return name
 
     # where a host's batch (a dict or graph-data object) keeps the atoms' positions, each atom's structure and
-    # the edges (sender row first)
+    # the edges ([2, n_edges]; an edge takes the side of the node in its first row, the sender in MACE)
     positions_key = "positions"
     batch_key = "batch"
     edge_key = "edge_index"

@@ -21,7 +21,8 @@ CONTROLLERS = [("vanilla", None, {}), ("fixed", "fixed", {}), ("cr", "cr", {"epo
 
 
 def add_controllers_option(parser):
-    parser.add_argument("--controllers", nargs="+", choices=[label for label, controller, _ in CONTROLLERS if controller],
+    parser.add_argument("--controllers", nargs="+",
+                        choices=[label for label, controller, _ in CONTROLLERS if controller],
                         help="only these rows besides vanilla (e.g. fixed ace-resilient)")
 
 

@@ -85,7 +85,8 @@ def batches(graph, targets, systems: int, batch: int, generator=None, particles:
         edge_rows = (chosen[:, None] * edges_per + edge_offsets).reshape(-1)
         local = edges[:, edge_rows] - (chosen * particles).repeat_interleave(edges_per)
         local = local + (torch.arange(len(chosen), device=device) * particles).repeat_interleave(edges_per)
-        yield (h[nodes], x[nodes], v[nodes], local, attr[edge_rows]), targets[nodes], chosen.repeat_interleave(particles)
+        systems = chosen.repeat_interleave(particles)
+        yield (h[nodes], x[nodes], v[nodes], local, attr[edge_rows]), targets[nodes], systems
 
 
 def mse(model, graph, targets) -> float:
@@ -307,7 +308,8 @@ def arguments():
     parser.add_argument("--device", default="cpu", help="torch device to train on (cuda on a GPU)")
     parser.add_argument("--cache", type=Path, help="folder to keep --data egnn's generated splits in (made once)")
     parser.add_argument("--sample-ids", action="store_true",
-                        help="RECM: give each node's system with handle.set_samples (default: each node keyed by itself)")
+                        help="RECM: give each node's system with handle.set_samples (default: each node keyed by "
+                             "itself)")
     parser.add_argument("--quick", action="store_true", help="smallest setting: 200 systems, 3 epochs, 1 seed")
     return parser
 

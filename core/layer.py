@@ -229,9 +229,10 @@ class RelaxedLayer(nn.Module):
     def probing_forward(self, out: torch.Tensor, x: torch.Tensor, recording: bool) -> torch.Tensor:
         """f_eq(x) + γ·P(W)x + c·P⊥(V)x: the branch's equivariant part kept (not trained here) and its
         non-equivariant part replaced by a probe map V (V_a on the rows of one half of the samples, V_b on
-        the other's: ``_second_map_rows``), trained at full strength whatever γ is. On large layers the projections are applied through
-        their block scalars and the probe maps through their rank, so a probing step costs about what a plain
-        one does (forming the dense maps made it ~1.6× a plain MACE step)."""
+        the other's: ``_second_map_rows``), trained at full strength whatever γ is. On large layers the
+        projections are applied through their block scalars and the probe maps through their rank, so a
+        probing step costs about what a plain one does (forming the dense maps made it ~1.6× a plain MACE
+        step)."""
         rows = x.reshape(-1, x.shape[-1])
         # leaves for this step's backward: RECM reads their gradients and updates the buffers itself
         A, B = self.probe_A.detach().requires_grad_(recording), self.probe_B.detach().requires_grad_(recording)

@@ -5,25 +5,26 @@ is not reproduced here): each layer's level is driven by a recurrent state
 estimated from the training signal, and settles at a value bounded by the
 symmetry gap that layer sees; no target level is given.
 
-Probe. Each relaxed layer gets two probe maps V_a, V_b of rank ``probe_rank``
-(V = B·A, B starting at zero, so V does too; a low rank keeps them from fitting
-a finite training set's own orientations, which a dense map does). Every
-``probe_every``-th training step is a probing step: the layer
-computes f_eq(x) + γ·P(W)x + c·P⊥(V)x with c = rms(f_eq(x)) / rms(x), i.e. the
-branch's non-equivariant part is replaced by V's (V_a on the rows of one half of
-the training samples, V_b on the other's), at full strength whatever γ is (the branch is not trained on that step; the host model
-is, as on any step). The V are RECM's own instrument, not the host's: buffers
-that RECM trains itself on these steps only, by Adam with the step ``probe_lr``
-(c makes B's entries fractions of the layer's output, whatever the data's
-units). They track the non-equivariant correction the data asks for at this
-layer, independently of γ, of where γ started, of the branch's scale and of the
-host's optimizer, learning rate and schedule (in the host's optimizer they
-learned at the host's pace: a field read 0 after 480 steps at Adam lr 1e-3 on
-6 of 12 initialisations, 1 of 12 now). A level saturates at a correction of τ,
-so each map is scaled back whenever its output exceeds ``probe_limit`` × τ of
-the layer's: larger maps measure nothing more, they would only perturb the host
-model on probing steps, and under a slowly learning host two unbounded maps
-drift apart to the size of the output itself, burying the gap in ν².
+Probe. Each relaxed layer gets two probe maps V_a, V_b of rank ``probe_rank`` (V
+= B·A, B starting at zero, so V does too; a low rank keeps them from fitting a
+finite training set's own orientations, which a dense map does). Every
+``probe_every``-th training step is a probing step: the layer computes f_eq(x) +
+γ·P(W)x + c·P⊥(V)x with c = rms(f_eq(x)) / rms(x), i.e. the branch's
+non-equivariant part is replaced by V's (V_a on the rows of one half of the
+training samples, V_b on the other's), at full strength whatever γ is (the
+branch is not trained on that step; the host model is, as on any step). The V
+are RECM's own instrument, not the host's: buffers that RECM trains itself on
+these steps only, by Adam with the step ``probe_lr`` (c makes B's entries
+fractions of the layer's output, whatever the data's units). They track the
+non-equivariant correction the data asks for at this layer, independently of γ,
+of where γ started, of the branch's scale and of the host's optimizer, learning
+rate and schedule (in the host's optimizer they learned at the host's pace: a
+field read 0 after 480 steps at Adam lr 1e-3 on 6 of 12 initialisations, 2 of 12
+now). A level saturates at a correction of τ, so each map is scaled back
+whenever its output exceeds ``probe_limit`` × τ of the layer's: larger maps
+measure nothing more, they would only perturb the host model on probing steps,
+and under a slowly learning host two unbounded maps drift apart to the size of
+the output itself, burying the gap in ν².
 
 Split. A sample's half is a hash of its own raw input (``equirelax.core.samples``),
 so it is the same in every epoch whatever batch the host draws it in: a

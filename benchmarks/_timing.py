@@ -26,11 +26,11 @@ def add_controllers_option(parser):
                         help="only these rows besides vanilla (e.g. fixed ace-resilient)")
 
 
-def relaxed_variants(base, relax, only=None) -> dict:
-    """``{label: (model, handle or None)}``: a deep copy of ``base`` per row of CONTROLLERS (``only``: just these
+def relaxed_variants(base, relax, only=None, rows=CONTROLLERS) -> dict:
+    """``{label: (model, handle or None)}``: a deep copy of ``base`` per row of ``rows`` (``only``: just these
     besides vanilla), relaxed by ``relax(model, controller, options)``."""
     variants = {}
-    for label, controller, options in CONTROLLERS:
+    for label, controller, options in rows:
         if controller and only and label not in only:
             continue
         model = copy.deepcopy(base)

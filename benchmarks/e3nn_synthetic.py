@@ -23,7 +23,6 @@ vs the same model unrelaxed, medians of repeats, ratios measured in one run.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
@@ -32,7 +31,7 @@ import torch
 import equirelax
 from equirelax.core._e3nn import o3
 from equirelax.datasets.synthetic import gated_e3nn_model, make_task
-from _timing import TIMING_BUDGET, device_sync  # benchmarks/ is on sys.path when run as a script
+from _timing import TIMING_BUDGET, device_sync, relaxed_variants  # benchmarks/ is on sys.path as a script
 
 
 CONTROLLERS = [
@@ -171,12 +170,9 @@ def speed(args):
         inputs = tuple(torch.randn(args.batch, d, device=args.device) for d in dims)
         y = torch.randn(args.batch, 4, device=args.device)
         sync = device_sync(args.device)
-        variants = {}
-        for label, controller, options in CONTROLLERS:
-            model = copy.deepcopy(base)
-            handle = (equirelax.relax(model, controller, targets=targets, branch=args.branch, rank=args.rank,
-                                      total_steps=TIMING_BUDGET, **options) if controller else None)
-            variants[label] = (model, handle)
+        variants = relaxed_variants(base, lambda model, controller, options: equirelax.relax(
+            model, controller, targets=targets, branch=args.branch, rank=args.rank, total_steps=TIMING_BUDGET,
+            **options), rows=CONTROLLERS)
         times = {label: [] for label in variants}
         for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
             for label, (model, handle) in variants.items():

@@ -18,7 +18,8 @@ import argparse
 import torch
 
 import equirelax
-from _timing import TIMING_BUDGET, add_controllers_option, print_table, relaxed_variants, time_variants  # benchmarks/ is on sys.path when run as a script
+from _timing import (TIMING_BUDGET, add_controllers_option, print_table, relaxed_variants,
+                     time_variants)  # benchmarks/ is on sys.path when run as a script
 
 
 def make_batch(n: int, cutoff: float):

@@ -3,7 +3,8 @@
 seeds.
 
     .venv-mace/bin/python benchmarks/recm_budget.py [--epochs 20 60] [--seeds 12] [--lr 1e-2] [--options '{"warmup": 0.5}']
-        [--kinds field symmetric] [--shuffle] [--measure-only] [--split-by-position]
+        [--kinds field symmetric] [--shuffle] [--measure-only] [--split-by-position] [--fixed]
+        [--hold-at-one]
 
 ``--shuffle`` draws the batches in a new order every epoch, as hosts' data loaders do (the README's loop
 keeps one order, so each sample always meets the same probe map). ``--measure-only`` sets every level
@@ -11,7 +12,9 @@ back to 0 after each of RECM's updates: RECM still measures, but the branch neve
 what the probe maps read by themselves from a feedback through a branch that has fitted the data.
 ``--split-by-position`` gives RECM's first probe map the first half of each batch's rows and the second map
 the rest, as before the maps were split by sample: over reshuffled epochs each map then meets every sample
-(by default each sample's hash sends it to one map, in every epoch).
+(by default each sample's hash sends it to one map, in every epoch). ``--fixed`` also trains each seed with the
+unconstrained `fixed` branch and gives RECM's test MSE over it. ``--hold-at-one`` sets every level back to 1
+after each of RECM's updates (it still measures and probes): what the probing steps alone cost.
 
 Per budget and data: each layer's end level (median and range over seeds), how many seeds end with some
 layer above 0.1, the median share of epochs at whose end every level was 0, and the test MSE (median over
@@ -35,26 +38,30 @@ from equirelax.datasets.synthetic import gated_e3nn_model, make_task
 TARGETS = ["0", "2"]
 
 
-class HoldLevelsAtZero:
-    """Runs after RECM's update and sets every level back to 0 (``--measure-only``)."""
+class HoldLevels:
+    """Runs after RECM's update and sets every level back to ``level`` (0: ``--measure-only``; 1: ``--hold-at-one``)."""
+
+    def __init__(self, level: float):
+        self.level = level
 
     @hookimpl(trylast=True)
     def equirelax_after_backward(self, handle, finite):
         for layer in handle.layers.values():
-            layer.gamma.data.zero_()
+            layer.gamma.data.fill_(self.level)
 
 
 def run(kind: str, epochs: int, seed: int, options: dict, lr: float = 1e-2, shuffle: bool = False,
-        measure_only: bool = False, split_by_position: bool = False):
+        measure_only: bool = False, split_by_position: bool = False, controller: str = "recm",
+        hold_at_one: bool = False):
     """The README example with ``epochs`` epochs: (end levels, levels after each epoch, test MSE); with
     ``measure_only`` the levels are the ones RECM's gap would set, min(1, gap/τ)."""
     torch.manual_seed(seed)
     model = gated_e3nn_model()
     x, y = make_task(kind, 512)
-    handle = equirelax.relax(model, controller="recm", targets=TARGETS, branch="linear", total_steps=epochs * 8,
-                             **options)
-    if measure_only:
-        handle.plugins.register(HoldLevelsAtZero())
+    handle = equirelax.relax(model, controller=controller, targets=TARGETS, branch="linear",
+                             total_steps=epochs * 8, **(options if controller == "recm" else {}))
+    if measure_only or hold_at_one:
+        handle.plugins.register(HoldLevels(1.0 if hold_at_one else 0.0))
     if split_by_position:
         remove_sample_split(model)
     optimizer = handle.wrap(torch.optim.Adam(model.parameters(), lr=lr))
@@ -94,15 +101,21 @@ def main():
     parser.add_argument("--measure-only", action="store_true", help="hold every level at 0 (RECM still measures)")
     parser.add_argument("--split-by-position", action="store_true",
                         help="each probe map learns from its half of each batch's rows, not of the samples")
+    parser.add_argument("--hold-at-one", action="store_true",
+                        help="hold every level at 1 (RECM still measures and probes): the probing steps' own cost")
+    parser.add_argument("--fixed", action="store_true",
+                        help="also train each seed with the `fixed` branch (γ = 1 throughout, no probes) and give "
+                             "RECM's test MSE over it")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print("| data | epochs (steps) | " + " | ".join(f"level {t}: median [min, max]" for t in TARGETS)
-          + " | seeds with a level > 0.1 | epochs with every level 0 (median) | test MSE (median) |")
-    print("|---|---|" + "---|" * len(TARGETS) + "---|---|---|")
+          + " | seeds with a level > 0.1 | epochs with every level 0 (median) | test MSE (median) |"
+          + (" / `fixed`'s, per seed: median [min, max] |" if args.fixed else ""))
+    print("|---|---|" + "---|" * len(TARGETS) + "---|---|---|" + ("---|" if args.fixed else ""))
     for kind in args.kinds:
         for epochs in args.epochs:
             runs = [run(kind, epochs, seed, args.options, args.lr, args.shuffle, args.measure_only,
-                       args.split_by_position)
+                       args.split_by_position, hold_at_one=args.hold_at_one)
                     for seed in range(args.seeds)]
             cells = []
             for target in TARGETS:
@@ -111,8 +124,13 @@ def main():
             above = sum(max(levels.values()) > 0.1 for levels, _, _ in runs)
             off = statistics.median(sum(max(l.values()) == 0 for l in history) / epochs for _, history, _ in runs)
             mse = statistics.median(m for _, _, m in runs)
+            ratio = ""
+            if args.fixed:
+                ratios = [m / run(kind, epochs, seed, {}, args.lr, args.shuffle, controller="fixed")[2]
+                          for seed, (_, _, m) in enumerate(runs)]
+                ratio = f" {statistics.median(ratios):.2f} [{min(ratios):.2f}, {max(ratios):.2f}] |"
             print(f"| {kind} | {epochs} ({epochs * 8}) | " + " | ".join(cells)
-                  + f" | {above} of {args.seeds} | {off:.0%} | {mse:.2e} |", flush=True)
+                  + f" | {above} of {args.seeds} | {off:.0%} | {mse:.2e} |" + ratio, flush=True)
 
 
 if __name__ == "__main__":

@@ -287,7 +287,10 @@ class RelaxedLayer(nn.Module):
     def forward(self, *args, **kwargs):
         out = self.base(*args, **kwargs)
         recording = self.training and torch.is_grad_enabled()
-        probing = self.probing and self.training and self._buffers.get("probe_A") is not None
+        # only a training forward probes: not one under no_grad, nor a host's evaluation in train mode with its
+        # parameters frozen (MACE validates so, and RECM may be mid-schedule then); those see the relaxed model
+        probing = (self.probing and recording and self._buffers.get("probe_A") is not None
+                   and any(p.requires_grad for p in self.branch.parameters()))
         if self.mode == "equivariant" and not probing:
             return out
         x = self.branch_input(args)

@@ -73,7 +73,7 @@ class SampleSplit:
         self.samples = None  # ids from handle.set_samples
 
     def __call__(self, module, args):
-        if not module.training:
+        if not (module.training and torch.is_grad_enabled()):  # as the layers: only a training forward probes
             return None
         probing = [layer for layer in self.layers if layer.probing]
         if probing:

@@ -307,3 +307,29 @@ def test_a_recm_probing_step_computes_the_dense_formula(branch, blockwise, monke
     assert float(layer.probe_sums[1]) == pytest.approx(float((first - second).pow(2).sum().detach() / 2), rel=1e-12)
     expected_grads = torch.autograd.grad(expected.pow(2).sum(), (A, B))
     assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(grads, expected_grads))
+
+
+def test_recm_probes_only_training_forwards():
+    """On a probing step, a forward under no_grad, or a host's evaluation in train mode with the parameters frozen
+    (MACE validates so, between two training steps), is the relaxed model: the probe maps stand in for no
+    branch, and nothing is recorded for RECM. Before, such a forward on a probing step probed every row."""
+    from equirelax.core.layer import RelaxedLayer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(o3.Linear("8x0e+4x1o", "6x0e+3x1o").to(torch.float64))
+    equirelax.relax(model, "recm", total_steps=100)
+    layer = next(m for m in model.modules() if isinstance(m, RelaxedLayer))
+    with torch.no_grad():
+        layer.probe_B.normal_()
+        layer.gamma.fill_(0.7)
+    x = torch.randn(40, 20, dtype=torch.float64)
+    layer.probing = True
+    relaxed = layer.base(x) + 0.7 * layer.branch(x)
+    assert not torch.allclose(model(x), relaxed)  # a training forward probes
+    layer.probe_sums = layer.probe_leaves = None
+    with torch.no_grad():
+        assert torch.allclose(model(x), relaxed, atol=1e-12)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert torch.allclose(model(x.requires_grad_()), relaxed, atol=1e-12)
+    assert layer.probe_sums is None and layer.probe_leaves is None

@@ -8,7 +8,9 @@ symmetry gap that layer sees; no target level is given.
 Probe. Each relaxed layer gets two probe maps V_a, V_b of rank ``probe_rank`` (V
 = B·A, B starting at zero, so V does too; a low rank keeps them from fitting a
 finite training set's own orientations, which a dense map does). Every
-``probe_every``-th training step is a probing step: the layer computes f_eq(x) +
+``probe_every``-th training step is a probing step (only its training forward: one
+under ``no_grad``, or a host's evaluation with its parameters frozen, as MACE
+validates in train mode, sees the relaxed model): the layer computes f_eq(x) +
 γ·P(W)x + c·P⊥(V)x with c = rms(f_eq(x)) / rms(x), i.e. the branch's
 non-equivariant part is replaced by V's (V_a on the rows of one half of the
 training samples, V_b on the other's), at full strength whatever γ is (the
@@ -25,6 +27,10 @@ whenever its output exceeds ``probe_limit`` × τ of the layer's: larger maps
 measure nothing more, they would only perturb the host model on probing steps,
 and under a slowly learning host two unbounded maps drift apart to the size of
 the output itself, burying the gap in ν².
+
+Probing a share of the samples on every step instead (the branch then trains on
+every step) was measured: far closer to the `fixed` branch in short plain loops,
+worse in `make demo`'s symmetric MACE fine-tune, so it is not used (BENCHMARKS.md).
 
 Split. A sample's half is a hash of its own raw input (``equirelax.core.samples``),
 so it is the same in every epoch whatever batch the host draws it in: a

@@ -283,14 +283,19 @@ class RelaxedLayer(nn.Module):
         rows = x.reshape(-1, x.shape[-1]).shape[0]
         return torch.arange(rows, device=x.device) >= rows // 2
 
+    def probes_now(self) -> bool:
+        """Whether a forward now probes: on RECM's probing step, and only a training forward. One under
+        no_grad, or a host's evaluation in train mode with its parameters frozen (MACE validates so, and RECM
+        may be mid-schedule then), sees the relaxed model."""
+        return (self.probing and self.training and torch.is_grad_enabled()
+                and self._buffers.get("probe_A") is not None
+                and any(p.requires_grad for p in self.branch.parameters()))
+
     # ----------------------------------------------------------------- forward
     def forward(self, *args, **kwargs):
         out = self.base(*args, **kwargs)
         recording = self.training and torch.is_grad_enabled()
-        # only a training forward probes: not one under no_grad, nor a host's evaluation in train mode with its
-        # parameters frozen (MACE validates so, and RECM may be mid-schedule then); those see the relaxed model
-        probing = (self.probing and recording and self._buffers.get("probe_A") is not None
-                   and any(p.requires_grad for p in self.branch.parameters()))
+        probing = self.probes_now()
         if self.mode == "equivariant" and not probing:
             return out
         x = self.branch_input(args)

@@ -73,9 +73,9 @@ class SampleSplit:
         self.samples = None  # ids from handle.set_samples
 
     def __call__(self, module, args):
-        if not (module.training and torch.is_grad_enabled()):  # as the layers: only a training forward probes
+        if not module.training:
             return None
-        probing = [layer for layer in self.layers if layer.probing]
+        probing = [layer for layer in self.layers if layer.probes_now()]  # (none on a forward that does not train)
         if probing:
             sides = id_sides(self.samples) if self.samples is not None else self.adapter.sample_sides(args)
             candidates = () if sides is None else (sides,)

@@ -333,3 +333,4 @@ def test_recm_probes_only_training_forwards():
         p.requires_grad_(False)
     assert torch.allclose(model(x.requires_grad_()), relaxed, atol=1e-12)
     assert layer.probe_sums is None and layer.probe_leaves is None
+    assert layer.sample_sides == ()  # RECM's split hook gave it no samples' sides for that forward either

@@ -379,8 +379,9 @@ def test_recm_warmup_moves_from_the_start_to_the_measured_level(warmup):
 
 @pytest.mark.parametrize("host_lr,loss_scale", [(1e-3, 1.0), (1e-1, 1.0), (1e-2, 1e3)])
 def test_recm_trains_its_probe_maps_itself_whatever_the_host_optimizer(host_lr, loss_scale):
-    """The probe maps are buffers the host's optimizer never holds; RECM's own Adam moves each entry of B by
-    exactly ``probe_lr`` on its first update (B starts at zero), whatever the host's learning rate or loss scale."""
+    """The probe maps are buffers the host's optimizer never holds; RECM's own Adam, one second moment per map,
+    moves B along its gradient by ``probe_lr`` in rms on its first update (B starts at zero), whatever the host's
+    learning rate or loss scale."""
     torch.manual_seed(0)
     model = gated_e3nn_model()
     handle = equirelax.relax(model, "recm", total_steps=40)
@@ -394,9 +395,12 @@ def test_recm_trains_its_probe_maps_itself_whatever_the_host_optimizer(host_lr, 
     held = {id(p) for group in opt.param_groups for p in group["params"]}
     assert not any(id(buffer) in held for name, buffer in model.named_buffers() if "probe_" in name)
     for layer in handle.layers.values():
-        moved = layer.probe_B[layer.probe_B != 0].abs()
-        assert moved.numel() > 0.5 * layer.probe_B.numel()
-        assert torch.allclose(moved, torch.full_like(moved, 0.01), rtol=1e-4), moved
+        for side in range(2):
+            moved, grad = layer.probe_B[side].double(), layer.state("probe_mB")[side] / (1 - 0.9)
+            assert float(moved.pow(2).mean().sqrt()) == pytest.approx(0.01, rel=1e-4)
+            # along the gradient, not its sign: the entries keep their gradients' proportions
+            assert torch.allclose(moved, -0.01 * grad / grad.pow(2).mean().sqrt(), rtol=1e-4, atol=1e-9)
+            assert float(moved.abs().max() / moved.abs().min()) > 1.5  # (a sign step moves all by 0.01)
 
 
 def _probe_sizes(model, handle, x):
@@ -440,14 +444,17 @@ def test_recm_recovers_equivariance_on_symmetric_data(n, batch):
 
 
 @pytest.mark.one_env
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_recm_reads_no_level_off_a_finite_symmetric_set_the_host_has_not_fitted_yet(seed):
+def test_recm_reads_no_level_off_a_finite_symmetric_set_the_host_has_not_fitted_yet():
     """512 samples reshuffled every epoch, host Adam at 1e-3, 480 steps (the host far from fitting the set):
     each probe map learns from its own half of the samples, so they share no orientations of the set.
-    Split by position, both maps met every sample: levels 0.34 and 1.0 on seeds 0 and 1 (4 of seeds 0-5; split
-    by sample, seed 4 still reads 0.31 on layer 2; ``benchmarks/recm_budget.py``: 9 of 12 and 1 of 12)."""
-    levels, gaps, _ = _recm_run("symmetric", n=512, lr=1e-3, steps=480, seed=seed)
-    assert all(level <= 0.05 for level in levels.values()), (levels, gaps)
+    Split by position, both maps met every sample: levels 0.34 and 1.0 on seeds 0 and 1 (4 of seeds 0-5). Split
+    by sample a few initialisations still read a level off layer 2, downstream (seeds 0-15: 2 of 16, with Adam's
+    per-entry or per-map second moment on the probes alike; RECM's docstring, "What it cannot tell apart"), and
+    none off layer 0, where the inputs enter."""
+    runs = [_recm_run("symmetric", n=512, lr=1e-3, steps=480, seed=seed) for seed in range(12)]
+    assert all(levels["0"] <= 0.05 for levels, _, _ in runs), [levels for levels, _, _ in runs]
+    misread = [levels for levels, _, _ in runs if max(levels.values()) > 0.05]
+    assert len(misread) <= 2, misread
 
 
 @pytest.mark.one_env

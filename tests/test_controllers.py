@@ -403,6 +403,62 @@ def test_recm_trains_its_probe_maps_itself_whatever_the_host_optimizer(host_lr, 
             assert float(moved.abs().max() / moved.abs().min()) > 1.5  # (a sign step moves all by 0.01)
 
 
+class _ProbeSteps:
+    """Records the optimizer steps on which RECM's layers probed."""
+
+    def __init__(self):
+        self.steps = []
+
+    @hookimpl(tryfirst=True)
+    def equirelax_after_backward(self, handle, finite):
+        if any(layer.probing for layer in handle.layers.values()):
+            self.steps.append(handle.controller.steps)
+
+
+def test_recm_probes_less_often_while_every_level_is_saturated():
+    """The README example in the field (every level reaches 1): probing steps every 4, then, from the epoch
+    that ends with every level at 1, every 8 and 16 (each costs the branch a step); a level below 1 at an
+    epoch's end sets it back to 4; a checkpoint carries the schedule."""
+    torch.manual_seed(0)
+    model = gated_e3nn_model()
+    x, y = make_task("field", 512)
+    handle = equirelax.relax(model, "recm", targets=["0", "2"], branch="linear", total_steps=480)
+    probes = _ProbeSteps()
+    handle.plugins.register(probes)
+    opt = handle.wrap(torch.optim.Adam(model.parameters(), lr=1e-2))
+
+    def epochs(count):
+        for _ in range(count):
+            for i in range(0, 512, 64):
+                opt.zero_grad()
+                (model(x[i:i + 64]) - y[i:i + 64]).pow(2).mean().backward()
+                opt.step()
+            handle.epoch_end()
+
+    epochs(60)
+    gaps = [b - a for a, b in zip(probes.steps, probes.steps[1:])]
+    assert probes.steps[0] == 3 and gaps[:10] == [4] * 10, probes.steps
+    assert set(gaps) == {4, 8, 16} and gaps[-5:] == [16] * 5, (gaps, handle.levels(), handle.controller.interval)
+    assert handle.levels() == {"0": 1.0, "2": 1.0}
+    # the EMA keeps its horizon in steps: a probe 16 steps after the last weighs 4 probes' worth
+    assert handle.controller.rate(handle, 16) == pytest.approx(4 * handle.controller.rate(handle))
+
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), handle.state_dict()))
+    model2 = copy.deepcopy(model)
+    handle2 = equirelax.RelaxHandle.attach(model2)
+    model2.load_state_dict(saved[0])
+    handle2.load_state_dict(saved[2])
+    assert (handle2.controller.last_probe, handle2.controller.interval) == (probes.steps[-1], 16)
+
+    for layer in handle.layers.values():
+        layer.gamma.data.fill_(0.5)
+    handle.epoch_end()
+    assert handle.controller.interval == 4
+    before = len(probes.steps)
+    epochs(1)
+    assert probes.steps[before:] and all(b - a == 4 for a, b in zip(probes.steps[before:], probes.steps[before + 1:]))
+
+
 def _probe_sizes(model, handle, x):
     """‖P⊥V_k x‖ / ‖f_eq(x)‖ of each layer's two probe maps on ``x`` (a probing forward, nothing trained)."""
     for layer in handle.layers.values():
@@ -516,7 +572,8 @@ def test_recm_checkpoint_from_before_its_probe_optimizer_resumes(train_loop):
     model, handle, opt = fresh()
     train_loop(model, handle, x, y, steps=20, optimizer=opt, seed=1)
     old = {key: value for key, value in model.state_dict().items()
-           if not any(part in key for part in ("ctrl_probe_m", "ctrl_probe_v", "ctrl_probe_updates"))}
+           if not any(part in key for part in ("ctrl_probe_m", "ctrl_probe_v", "ctrl_probe_updates", "ctrl_last_probe",
+                                                "ctrl_probe_interval"))}
     assert len(old) < len(model.state_dict())
     model2, handle2, opt2 = fresh()
     with pytest.warns(UserWarning, match="ctrl_probe_mA.*starts afresh"):
@@ -525,6 +582,8 @@ def test_recm_checkpoint_from_before_its_probe_optimizer_resumes(train_loop):
         trained = handle.layers[name]
         assert torch.equal(layer.probe_B, trained.probe_B) and torch.equal(layer.state("gap"), trained.state("gap"))
         assert int(layer.state("probe_updates")) == 0 and not layer.state("probe_mB").any()
+    handle2.resync()  # as the host plugins do after loading: the probing schedule of then, every 3rd step
+    assert (handle2.controller.steps, handle2.controller.last_probe, handle2.controller.interval) == (20, 17, 3)
     train_loop(model2, handle2, x, y, steps=6, optimizer=opt2, seed=2)
     assert all(int(layer.state("probe_updates")) == 2 for layer in handle2.layers.values())
     without_gap = {key: value for key, value in old.items() if not key.endswith("ctrl_gap")}

@@ -34,6 +34,14 @@ measure nothing more, they would only perturb the host model on probing steps,
 and under a slowly learning host two unbounded maps drift apart to the size of
 the output itself, burying the gap in ν².
 
+While every level ends an epoch saturated at 1 (fully relaxed), probing more
+often would only confirm it, and each probing step costs the branch a step: the
+interval then doubles per epoch up to ``probe_every_saturated`` (default 4 ×
+``probe_every``), and each probe weighs in the gap's EMA as the steps since the
+last one, so its horizon stays a share of the budget. Any level below 1 at an
+epoch's end sets the interval back. (The README example's relaxed model at 480
+steps: 1.40× to 1.09× the `fixed` branch's test error.)
+
 Probing a share of the samples on every step instead (the branch then trains on
 every step) was measured: far closer to the `fixed` branch in short plain loops,
 worse in `make demo`'s symmetric MACE fine-tune, so it is not used (BENCHMARKS.md).
@@ -65,7 +73,7 @@ the strength of a symmetry-breaking term (a field 30× weaker asks for a ~30×
 smaller correction).
 
 Level. The EMAs are the recurrent state, with a rate a tied to the run's budget
-T (a horizon of ``horizon`` × the probing steps in T); after each probe
+T (a horizon of ``horizon`` × the ``probe_every`` probing steps in T); after each probe
     γ = min(1, s/τ),
 τ the correction (relative to the layer's output) at which the layer is fully
 relaxed. γ starts at ``gamma0`` and, from the first probe on, is set by the data
@@ -110,8 +118,8 @@ from .base import Controller
 
 class RECM(Controller):
     name = "recm"
-    defaults = {"probe_every": 4, "tau": 0.05, "horizon": 0.2, "gamma0": 1.0, "probe_rank": 2, "warmup": 0.0,
-                "probe_lr": 0.01, "probe_limit": 2.0}
+    defaults = {"probe_every": 4, "probe_every_saturated": None, "tau": 0.05, "horizon": 0.2, "gamma0": 1.0,
+                "probe_rank": 2, "warmup": 0.0, "probe_lr": 0.01, "probe_limit": 2.0}
     needs_probe = True
 
     def validate(self):
@@ -125,6 +133,11 @@ class RECM(Controller):
         every = self.options["probe_every"]
         if not isinstance(every, int) or isinstance(every, bool) or every < 2:
             raise ValueError(f"equirelax: recm option 'probe_every' must be an integer >= 2, got {every!r}")
+        saturated = self.options["probe_every_saturated"]
+        if saturated is not None and (not isinstance(saturated, int) or isinstance(saturated, bool)
+                                      or saturated < every):
+            raise ValueError(f"equirelax: recm option 'probe_every_saturated' must be an integer >= probe_every "
+                             f"({every}) or null (4 × probe_every), got {saturated!r}")
         if not 0 <= self.options["gamma0"] <= 1:
             raise ValueError(f"equirelax: recm option 'gamma0' must be in [0, 1], got {self.options['gamma0']!r}")
 
@@ -144,18 +157,23 @@ class RECM(Controller):
                     layer.add_state(f"probe_{moment}{key}", torch.zeros_like(weight, dtype=torch.float64),
                                     fresh_if_missing=True)
             layer.add_state("probe_updates", torch.zeros((), dtype=torch.long), fresh_if_missing=True)
-        self.steps = 0
+            # the probing schedule: the last probing step (-1: none yet) and the steps from it to the next
+            layer.add_state("last_probe", torch.full((), -1, dtype=torch.long), fresh_if_missing=True)
+            layer.add_state("probe_interval", torch.tensor(self.options["probe_every"]), fresh_if_missing=True)
+        self.steps, self.last_probe, self.interval = 0, -1, self.options["probe_every"]
         self._set_probing()
 
     def _set_probing(self):
-        probing = (self.steps + 1) % self.options["probe_every"] == 0
+        probing = self.steps >= self.last_probe + self.interval
         for layer in self.layers.values():
             layer.probing = probing
 
-    def rate(self, handle) -> float:
-        """The EMA rate per probing step: a horizon of ``horizon`` × the probing steps in the budget."""
-        probes = handle.require_total_steps("recm") / self.options["probe_every"]
-        return 1.0 / (1.0 + self.options["horizon"] * probes)
+    def rate(self, handle, interval=None) -> float:
+        """The EMA rate per probing step: a horizon of ``horizon`` × the probing steps in the budget, at
+        ``probe_every``; a probe ``interval`` steps after the last one weighs interval / probe_every of that."""
+        every = self.options["probe_every"]
+        probes = handle.require_total_steps("recm") / every
+        return min(1.0, (interval or every) / every / (1.0 + self.options["horizon"] * probes))
 
     def trust(self, handle) -> float:
         """The share of γ the measured level sets: 1, or with ``warmup`` > 0 rising linearly from 0 to 1 over
@@ -173,6 +191,10 @@ class RECM(Controller):
 
     @hookimpl
     def equirelax_after_optimizer_step(self, handle, finite):
+        if next(iter(self.layers.values())).probing:
+            self.last_probe = self.steps
+            for layer in self.layers.values():
+                layer.state("last_probe").fill_(self.steps)
         self.steps += 1
         for layer in self.layers.values():
             layer.state("steps").fill_(self.steps)
@@ -180,7 +202,27 @@ class RECM(Controller):
 
     @hookimpl
     def equirelax_load_state_dict(self, handle, state):
-        self.steps = int(next(iter(self.layers.values())).state("steps"))
+        first = next(iter(self.layers.values()))
+        every = self.options["probe_every"]
+        self.steps, self.last_probe = int(first.state("steps")), int(first.state("last_probe"))
+        self.interval = int(first.state("probe_interval"))
+        if self.last_probe < 0 and self.steps >= every:  # a checkpoint from before the schedule was saved
+            self.last_probe, self.interval = self.steps // every * every - 1, every
+        self._set_probing()
+
+    @hookimpl
+    def equirelax_epoch_end(self, handle, epoch):
+        """Probe every ``probe_every`` steps; while every level ends an epoch saturated at 1 (fully relaxed:
+        probing more would only confirm it, and each probing step costs the branch a step), the interval
+        doubles per epoch up to ``probe_every_saturated`` (default 4 × ``probe_every``); any level below 1 at an
+        epoch's end sets it back. Read at the epoch's end, not per step, so the step path never waits on the
+        device."""
+        every = self.options["probe_every"]
+        cap = self.options["probe_every_saturated"] or 4 * every
+        saturated = self.last_probe >= 0 and all(float(layer.gamma) == 1.0 for layer in self.layers.values())
+        self.interval = min(2 * self.interval, cap) if saturated else every
+        for layer in self.layers.values():
+            layer.state("probe_interval").fill_(self.interval)
         self._set_probing()
 
     def train_probes(self, finite, sizes):
@@ -229,7 +271,7 @@ class RECM(Controller):
         self.train_probes(finite, sizes)
         if not measured:
             return
-        a = self.rate(handle)
+        a = self.rate(handle, self.steps - self.last_probe)  # (the steps since the last probe)
         tau, gamma0 = self.options["tau"], self.options["gamma0"]
         trust = self.trust(handle)
         with torch.no_grad():

@@ -51,17 +51,17 @@ class HoldLevels:
 
 
 def run(kind: str, epochs: int, seed: int, options: dict, lr: float = 1e-2, shuffle: bool = False,
-        measure_only: bool = False, split_by_position: bool = False, controller: str = "recm",
-        hold_at_one: bool = False):
-    """The README example with ``epochs`` epochs: (end levels, levels after each epoch, test MSE); with
-    ``measure_only`` the levels are the ones RECM's gap would set, min(1, gap/τ)."""
+        hold: float | None = None, split_by_position: bool = False, controller: str = "recm"):
+    """The README example with ``epochs`` epochs: (end levels, levels after each epoch, test MSE). ``hold``: every
+    level is set back to it after each of RECM's updates; at 0 (``--measure-only``) the levels given are the ones
+    RECM's gap would set, min(1, gap/τ)."""
     torch.manual_seed(seed)
     model = gated_e3nn_model()
     x, y = make_task(kind, 512)
     handle = equirelax.relax(model, controller=controller, targets=TARGETS, branch="linear",
                              total_steps=epochs * 8, **(options if controller == "recm" else {}))
-    if measure_only or hold_at_one:
-        handle.plugins.register(HoldLevels(1.0 if hold_at_one else 0.0))
+    if hold is not None:
+        handle.plugins.register(HoldLevels(hold))
     if split_by_position:
         remove_sample_split(model)
     optimizer = handle.wrap(torch.optim.Adam(model.parameters(), lr=lr))
@@ -69,7 +69,7 @@ def run(kind: str, epochs: int, seed: int, options: dict, lr: float = 1e-2, shuf
     history = []
 
     def levels():
-        if not measure_only:
+        if hold != 0:
             return handle.levels()
         controller = handle.controller
         return {name: min(1.0, float(controller.gap(layer)) / controller.options["tau"])
@@ -98,11 +98,13 @@ def main():
     parser.add_argument("--options", type=json.loads, default={}, help="RECM options (JSON)")
     parser.add_argument("--kinds", nargs="+", default=["field", "symmetric"], choices=["field", "symmetric"])
     parser.add_argument("--shuffle", action="store_true", help="a new batch order every epoch")
-    parser.add_argument("--measure-only", action="store_true", help="hold every level at 0 (RECM still measures)")
+    held = parser.add_mutually_exclusive_group()
+    held.add_argument("--measure-only", dest="hold", action="store_const", const=0.0,
+                      help="hold every level at 0 (RECM still measures)")
     parser.add_argument("--split-by-position", action="store_true",
                         help="each probe map learns from its half of each batch's rows, not of the samples")
-    parser.add_argument("--hold-at-one", action="store_true",
-                        help="hold every level at 1 (RECM still measures and probes): the probing steps' own cost")
+    held.add_argument("--hold-at-one", dest="hold", action="store_const", const=1.0,
+                      help="hold every level at 1 (RECM still measures and probes): the probing steps' own cost")
     parser.add_argument("--fixed", action="store_true",
                         help="also train each seed with the `fixed` branch (γ = 1 throughout, no probes) and give "
                              "RECM's test MSE over it")
@@ -114,8 +116,7 @@ def main():
     print("|---|---|" + "---|" * len(TARGETS) + "---|---|---|" + ("---|" if args.fixed else ""))
     for kind in args.kinds:
         for epochs in args.epochs:
-            runs = [run(kind, epochs, seed, args.options, args.lr, args.shuffle, args.measure_only,
-                       args.split_by_position, hold_at_one=args.hold_at_one)
+            runs = [run(kind, epochs, seed, args.options, args.lr, args.shuffle, args.hold, args.split_by_position)
                     for seed in range(args.seeds)]
             cells = []
             for target in TARGETS:

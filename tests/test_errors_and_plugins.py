@@ -31,6 +31,8 @@ def test_unknown_controller_option(model):
         ("cr", {"epochs": 3, "regulariser": "l2"}, "regulariser"),
         ("recm", {"tau": -1.0}, "tau"),
         ("recm", {"probe_every": 1}, "probe_every"),
+        ("recm", {"probe_every_saturated": 2}, r"'probe_every_saturated' must be an integer >= probe_every \(4\)"),
+        ("recm", {"probe_every_saturated": 8.0}, "probe_every_saturated"),
         ("recm", {"gamma0": 2.0}, "gamma0"),
         ("recm", {"warmup": 1.5}, "warmup"),
         ("recm", {"warmup": -0.1}, "warmup"),

@@ -95,12 +95,20 @@ What it cannot tell apart:
   orientations are not spread out) from a real broken symmetry: to the model the
   data *is* not symmetric; orientation-dependent noise looks like a weak field;
 - a finite symmetric training set from a real broken symmetry, now and then: maps
-  that learn from disjoint halves of the set share none of its orientations, yet for
-  some initialisations the two halves ask for a common correction (it grows over the
-  run, with the host frozen too; why is not established). On the README example at
-  Adam lr 1e-3, batches reshuffled, 0 of 12 runs read a level > 0.1 (9 of 12 when
-  both maps met every sample); with other data draws (float64, seeds 0-15), 2 of 16
-  read one on the downstream layer (BENCHMARKS.md);
+  that learn from disjoint halves of the set share none of its orientations, but two
+  independent noise maps still agree by chance, and the allowance 2·ν²/√p, p the
+  maps' entries, assumes the noise spreads evenly over all of them. On the README
+  model's downstream layer (4 outputs) the scatter is 1.4× wider than assumed, and 2 of
+  16 runs on 512 symmetric samples (float64, seeds 0-15) read a level there (with
+  per-entry moments too); where the inputs enter it is half as wide and none does. Each
+  map following its gradient puts its noise on fewer entries: a 40-step SevenNet-0
+  fine-tune on symmetric data read levels of 1.0, 1.0 and 0.47 on three seeds (0.24 on
+  one layer of one seed with per-entry moments). Counting the entries the noise spreads
+  over instead (the participation ratio of the maps' gradient second moments) gave 0.66,
+  0 and 0 there but read fields later in every host fine-tune, so it is not used
+  (BENCHMARKS.md, ``benchmarks/recm_noise.py``). On the README example at Adam lr 1e-3,
+  batches reshuffled, 0 of 12 runs read a level > 0.1 (9 of 12 when both maps met every
+  sample);
 - which of several layers should carry a correction that each of them could
   make: a layer downstream of the one where the breaking enters reads a level
   too (each layer's maps are bounded, so none absorbs the whole correction);

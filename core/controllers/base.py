@@ -37,6 +37,11 @@ class Controller:
     def validate(self):
         """Raise ValueError for option values that cannot work."""
 
+    @staticmethod
+    def _is_integer(value) -> bool:
+        """An int, not a bool (True is an int to Python, not a count to a user)."""
+        return isinstance(value, int) and not isinstance(value, bool)
+
     def _positive(self, *names, allow_zero=False):
         for name in names:
             value = self.options[name]

@@ -134,7 +134,7 @@ class CR(Controller):
             raise ValueError(f"equirelax: cr option 'schedule' must be one of {SCHEDULES}, got {schedule!r}")
         if schedule != "constant":
             epochs = self.options["epochs"]
-            if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs <= 0:
+            if not self._is_integer(epochs) or epochs <= 0:
                 raise ValueError(
                     f"equirelax: cr schedule {schedule!r} needs 'epochs', the total number of training "
                     f"epochs (a positive integer), got {epochs!r}"

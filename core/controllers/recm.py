@@ -136,14 +136,13 @@ class RECM(Controller):
         if self.options["warmup"] > 1:
             raise ValueError(f"equirelax: recm option 'warmup' must be in [0, 1], got {self.options['warmup']!r}")
         rank = self.options["probe_rank"]
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        if not self._is_integer(rank) or rank < 1:
             raise ValueError(f"equirelax: recm option 'probe_rank' must be a positive integer, got {rank!r}")
         every = self.options["probe_every"]
-        if not isinstance(every, int) or isinstance(every, bool) or every < 2:
+        if not self._is_integer(every) or every < 2:
             raise ValueError(f"equirelax: recm option 'probe_every' must be an integer >= 2, got {every!r}")
         saturated = self.options["probe_every_saturated"]
-        if saturated is not None and (not isinstance(saturated, int) or isinstance(saturated, bool)
-                                      or saturated < every):
+        if saturated is not None and (not self._is_integer(saturated) or saturated < every):
             raise ValueError(f"equirelax: recm option 'probe_every_saturated' must be an integer >= probe_every "
                              f"({every}) or null (4 × probe_every), got {saturated!r}")
         if not 0 <= self.options["gamma0"] <= 1:

@@ -2,6 +2,7 @@
 
     .venv-mace/bin/python benchmarks/mace_finetune.py [--seeds 3 4 5] [--epochs 15] [--workdir DIR]
         [--branches linear lowrank] [--controllers fixed ace-resilient recm] [--lora]
+        [--controller-options '{"recm": {"allowance": "rows"}}']
 
 1. generates EMT Cu/Al clusters (equirelax.datasets.emt): a symmetric set and a
    set in a uniform field F = (0, 0, 0.3) eV/Å on neutralised species charges;
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import subprocess
@@ -65,11 +67,15 @@ def main():
     parser.add_argument("--branches", nargs="+", default=["linear"], choices=["linear", "lowrank", "mlp"])
     parser.add_argument("--controllers", nargs="+", default=[name for name, relax in RUNS if relax])
     parser.add_argument("--lora", action="store_true", help="add MACE's own --lora fine-tuning as a row")
+    parser.add_argument("--controller-options", type=json.loads, default={},
+                        help='per controller, e.g. \'{"recm": {"allowance": "rows"}}\'')
     args = parser.parse_args()
     runs = [("vanilla", None)] + ([("lora", "lora")] if args.lora else [])
     for branch in args.branches:
         suffix = "" if args.branches == ["linear"] else f" ({branch})"
-        runs += [(f"{c}{suffix}", {"controller": c, "branch": branch}) for c in args.controllers]
+        runs += [(f"{c}{suffix}", {"controller": c, "branch": branch}
+                  | ({"options": args.controller_options[c]} if c in args.controller_options else {}))
+                 for c in args.controllers]
     from equirelax.datasets.emt import write_emt_dataset
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="mace-finetune-"))

@@ -113,7 +113,8 @@ def main():
     print("| fine-tuning | test force MAE, as trained (meV/Å) | exported equivariant (meV/Å) | as trained vs vanilla "
           "| wall time per run (s) |")
     print("|---|---|---|---|---|")
-    vanilla = statistics.mean(results["vanilla"]["relaxed"])
+    # (--runs without vanilla: no ratio)
+    vanilla = statistics.mean(results["vanilla"]["relaxed"]) if "vanilla" in results else float("nan")
     for name, _ in runs:
         r = results[name]
         print(f"| {name} | {summary(r['relaxed'])} | {summary(r['exported'])} | "

@@ -4,22 +4,25 @@
 defaults).
 
     .venv-mace/bin/python benchmarks/recm_noise.py [--kind symmetric] [--n 512] [--lr 1e-3] [--steps 480]
-        [--seeds 0-15] [--strength 1.0] [--probe-only 2]
+        [--seeds 0-15] [--strength 1.0] [--probe-only 2] [--rotation-null] [--options '{"allowance": "rows"}']
 
-RECM keeps a gap where EMA(b²) exceeds its noise allowance 2·EMA(ν²)/√p (p: the entries of one probe map's
-two factors), i.e. where the ratio r = EMA(b²)/EMA(ν²) exceeds 2/√p: the allowance assumes that the inner
-product of two independent noise maps scatters by ν²/√p. Per seed this prints each layer's end level and r;
+RECM keeps a gap where EMA(b²) exceeds its noise allowance 2·EMA(ν²)/√p (p: RECM's ``noise_entries``, the
+probe maps' entries, or with ``--options '{"allowance": "rows"}'`` from the rows' second moments), i.e. where
+the ratio r = EMA(b²)/EMA(ν²) exceeds 2/√p: the allowance assumes that the inner product of two independent
+noise maps scatters by ν²/√p. Per seed this prints each layer's end level and r;
 then, per layer, r's mean and rms over the seeds and the number of independent entries 1/rms² that rms
 implies (on symmetric data r has no signal, so its rms is the scatter the allowance stands for), beside p.
 ``--probe-only NAME``: only that layer probes; every other layer is held at γ = 0 (no branch, no probe).
-``--rotation-null``: also the spread, over 64 random rotations R, of ⟨V_a x, (R·V_b) x⟩ / ν² for the end maps over
-the training set (R·V = D_out(R) V D_in(R)ᵀ): a null whose scale is measured from the maps themselves; and the
-same spread of ⟨D x, (R·D) x⟩ / ν² for their difference D = (V_a − V_b)/√2, which holds no signal.
+``--rotation-null``: also r of the end maps over the training set (no EMA), and the spread, over 64 random
+rotations R, of ⟨V_a x, (R·V_b) x⟩ / ν² for the end maps over the training set (R·V = D_out(R) V D_in(R)ᵀ):
+a null whose scale is measured from the maps themselves; and the same spread of ⟨D x, (R·D) x⟩ / ν² for
+their difference D = (V_a − V_b)/√2, which holds no signal.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 
 import torch
@@ -46,9 +49,10 @@ def probe_only(controller, name: str):
     only_this_layer()
 
 
-def rotation_null(controller, model, x, rotations: int = 64) -> dict[str, tuple[float, float]]:
+def rotation_null(controller, model, x, rotations: int = 64) -> dict[str, tuple[float, float, float]]:
     """Per layer: the spreads over random rotations R of ⟨V_a x, (R·V_b) x⟩ / ν² and of ⟨D x, (R·D) x⟩ / ν² (D the
-    maps' half difference), the end maps' non-equivariant parts on ``x`` (each layer's own inputs). If V_b's law
+    maps' half difference), the end maps' non-equivariant parts on ``x`` (each layer's own inputs), and r of the
+    end maps on ``x`` itself (one probe's b²/ν² over the whole set, without the EMA). If V_b's law
     is rotation-invariant and independent of V_a (no signal), ⟨V_a x, (R·V_b) x⟩ has the law of ⟨V_a x, V_b x⟩."""
     inputs = {}
     hooks = [layer.register_forward_hook(lambda module, args, out, name=name: inputs.__setitem__(name, args[0]))
@@ -69,23 +73,24 @@ def rotation_null(controller, model, x, rotations: int = 64) -> dict[str, tuple[
         first, second = rows @ off[0].T, rows @ off[1].T
         noise = (first - second).pow(2).sum() / 2
         if float(noise) == 0:  # maps that never trained (--probe-only)
-            spreads[name] = float("nan"), float("nan")
+            spreads[name] = float("nan"), float("nan"), float("nan")
             continue
         pairs, differences = [], []
         for matrix in matrices:
             d_out, d_in = layer.irreps_out.D_from_matrix(matrix), layer.branch_irreps_in.D_from_matrix(matrix)
             pairs.append(float((first * (rows @ (d_out @ off[1] @ d_in.T).T)).sum() / noise))
             differences.append(float(((rows @ difference.T) * (rows @ (d_out @ difference @ d_in.T).T)).sum() / noise))
-        spreads[name] = statistics.pstdev(pairs), statistics.pstdev(differences)
+        at_end = float((first * second).sum() / noise)  # r of the end maps over the set, no EMA
+        spreads[name] = statistics.pstdev(pairs), statistics.pstdev(differences), at_end
     return spreads
 
 
 def run(seed: int, kind: str, n: int, lr: float, steps: int, strength: float, only: str | None,
-        rotations: bool = False):
+        rotations: bool = False, options: dict | None = None):
     """(end levels, r per layer, p per layer, the rotation null's spreads per layer or None)."""
     torch.manual_seed(seed)
     model = gated_e3nn_model()
-    handle = equirelax.relax(model, "recm", total_steps=steps)
+    handle = equirelax.relax(model, "recm", total_steps=steps, **(options or {}))
     controller = handle.controller
     if only is not None:
         probe_only(controller, only)
@@ -106,7 +111,7 @@ def run(seed: int, kind: str, n: int, lr: float, steps: int, strength: float, on
     ratios, entries = {}, {}
     for name, layer in controller.layers.items():
         ratios[name] = float(layer.state("gap") / layer.state("noise").clamp(min=1e-300))
-        entries[name] = layer.probe_A[0].numel() + layer.probe_B[0].numel()
+        entries[name] = float(controller.noise_entries(layer))
     return handle.levels(), ratios, entries, spreads
 
 
@@ -125,28 +130,34 @@ def main():
     parser.add_argument("--strength", type=float, default=1.0, help="the field's strength (field data)")
     parser.add_argument("--probe-only", default=None, help="only this layer probes (the others held at 0)")
     parser.add_argument("--rotation-null", action="store_true", help="also the rotation null's spread per layer")
+    parser.add_argument("--options", type=json.loads, default={}, help='RECM options, e.g. \'{"allowance": "rows"}\'')
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     results = []
     for seed in args.seeds:
         levels, ratios, entries, spreads = run(seed, args.kind, args.n, args.lr, args.steps, args.strength,
-                                               args.probe_only, args.rotation_null)
-        results.append((ratios, entries))
+                                               args.probe_only, args.rotation_null, args.options)
+        results.append((ratios, entries, spreads))
         print(f"seed {seed}: " + ", ".join(
-            f"layer {name} level {levels[name]:.2f} r {ratios[name]:+.3f}"
-            + (f" rotation null {spreads[name][0]:.3f} (difference {spreads[name][1]:.3f})" if spreads else "")
+            f"layer {name} level {levels[name]:.2f} r {ratios[name]:+.3f} p {entries[name]:.0f}"
+            + (f" rotation null {spreads[name][0]:.3f} (difference {spreads[name][1]:.3f}),"
+               f" end maps' r over the set {spreads[name][2]:+.3f}" if spreads else "")
             for name in ratios), flush=True)
-    print("\n| layer | allowance 2/√p | r: mean | r: rms | 1/rms² (p) | seeds with r > 2/√p |")
-    print("|---|---|---|---|---|---|")
-    for name, p in results[0][1].items():
-        values = [ratios[name] for ratios, _ in results]
+    print("\n| layer | allowance 2/√p (mean) | r: mean | r: rms | 1/rms² (p, mean) | seeds with r > 2/√p |"
+          + (" end maps' r over the set: rms |" if args.rotation_null else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if args.rotation_null else ""))
+    for name in results[0][1]:
+        values = [ratios[name] for ratios, _, _ in results]
         rms = statistics.fmean(v * v for v in values) ** 0.5
         if rms == 0:  # a layer that never probed (--probe-only)
             continue
-        over = sum(value > 2 / p**0.5 for value in values)
-        print(f"| {name} | {2 / p**0.5:.3f} | {statistics.fmean(values):+.3f} | {rms:.3f} | {1 / rms**2:.0f} ({p}) "
-              f"| {over} of {len(values)} |")
+        over = sum(ratios[name] > 2 / entries[name]**0.5 for ratios, entries, _ in results)
+        p = statistics.fmean(entries[name] for _, entries, _ in results)
+        at_end = (f" {statistics.fmean(spreads[name][2] ** 2 for _, _, spreads in results) ** 0.5:.3f} |"
+                  if args.rotation_null else "")
+        print(f"| {name} | {2 / p**0.5:.3f} | {statistics.fmean(values):+.3f} | {rms:.3f} | {1 / rms**2:.0f} ({p:.0f}) "
+              f"| {over} of {len(values)} |{at_end}")
 
 
 if __name__ == "__main__":

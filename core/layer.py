@@ -66,6 +66,7 @@ class RelaxedLayer(nn.Module):
         self.probing = False  # a RECM probing step: the probe weight stands in for the branch (set by RECM)
         # last probe: (⟨P⊥V_a x, P⊥V_b x⟩, ‖P⊥(V_a − V_b)x‖²/2, ‖f_eq(x)‖², ‖P⊥V_a x‖², ‖P⊥V_b x‖²)
         self.probe_sums: tuple | None = None
+        self.probe_rows: tuple | None = None  # last probe: its input rows x and output rows f_eq(x)
         self.probe_leaves: tuple | None = None  # (A, B) leaves of the last probing step, for RECM's update
         # which probe map learns from each row's sample (True: V_b): candidates (per node, per edge) set per
         # probing step by RECM's SampleSplit, the one matching the layer's rows used
@@ -268,6 +269,7 @@ class RelaxedLayer(nn.Module):
             first, second = first.detach(), second.detach()
             self.probe_sums = ((first * second).sum(), (first - second).pow(2).sum() / 2, out.detach().pow(2).sum(),
                                first.pow(2).sum(), second.pow(2).sum())
+            self.probe_rows = (rows.detach(), out.detach().reshape(-1, out.shape[-1]))
         if kept is not None:
             correction = correction + self.gamma.detach().to(x.dtype) * kept
         return out + correction.reshape(*x.shape[:-1], -1)
@@ -338,7 +340,7 @@ class RelaxedLayer(nn.Module):
         # per-step caches and device-side index copies are not part of a saved model
         state = self.__dict__.copy()
         state.update(cached_inputs=[], _positions=None, _projector=None, _handle=None, sample=None, probe_sums=None,
-                     probe_leaves=None, tapped=None, sample_sides=())
+                     probe_rows=None, probe_leaves=None, tapped=None, sample_sides=())
         state.update(probing=False)  # a saved model is never mid-probe; RECM sets it on resume
         return state
 

@@ -10,9 +10,14 @@ import torch
 import equirelax
 from equirelax.datasets.synthetic import gated_e3nn_model, make_task
 
-CONTROLLERS = [("fixed", {}), ("cr", {"epochs": 3}), ("ace", {}), ("ace-resilient", {}), ("recm", {})]
+CONTROLLERS = [("fixed", {}), ("cr", {"epochs": 3}), ("ace", {}), ("ace-resilient", {}), ("recm", {}),
+               ("recm", {"allowance": "rows"})]
 BRANCHES = ("linear", "mlp")
 STEPS, EPOCHS, GLOBAL_BATCH = 4, 2, 32
+
+
+def label(controller, options, branch) -> str:
+    return "-".join([controller, *(f"{key}={value}" for key, value in options.items() if key != "epochs"), branch])
 
 
 def train(controller, options, branch, rank=0, world=1):
@@ -53,7 +58,7 @@ def main(out_dir):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        results = {f"{c}-{b}": train(c, o, b, rank, world) for c, o in CONTROLLERS for b in BRANCHES}
+        results = {label(c, o, b): train(c, o, b, rank, world) for c, o in CONTROLLERS for b in BRANCHES}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -308,7 +308,7 @@ RECM_STEPS = 1500
 
 @functools.lru_cache(maxsize=None)
 def _recm_run(kind="field", controller="recm", batch=64, n=2048, strength=1.0, gamma0=None, seed=0, lr=5e-3,
-              steps=RECM_STEPS, split_by_position=False):
+              steps=RECM_STEPS, split_by_position=False, allowance=None):
     """Epochs over a finite training set (reshuffled every epoch) at the user's budget, default options;
     (levels, gaps, test MSE). ``split_by_position``: RECM's maps split each batch's rows by position."""
     previous = torch.get_default_dtype()
@@ -317,6 +317,8 @@ def _recm_run(kind="field", controller="recm", batch=64, n=2048, strength=1.0, g
         torch.manual_seed(seed)
         model = gated_e3nn_model()
         options = {} if gamma0 is None else {"gamma0": gamma0}
+        if allowance is not None:
+            options["allowance"] = allowance
         handle = equirelax.relax(model, controller, total_steps=steps, **options)
         if split_by_position:
             remove_sample_split(model)
@@ -499,6 +501,57 @@ def test_recm_recovers_equivariance_on_symmetric_data(n, batch):
     assert all(g <= 0.05 for g in levels.values()), (levels, gaps)
 
 
+@pytest.mark.parametrize("shape", ["isotropic", "anisotropic"])
+def test_recm_noise_allowance_has_the_scatter_of_two_independent_noise_maps(shape):
+    """Two maps, each a gradient's noise Σ δ xᵀ over rows drawn independently: their agreement ⟨N_a x, N_b x⟩ over
+    a set of rows scatters by ν²/√p, p from the rows' second moments. Anisotropic rows (a few dominant
+    directions, as a trained model's features have) spread it over far fewer than d_in·d_out entries."""
+    from equirelax.core.controllers.recm import independent_entries
+
+    generator = torch.Generator().manual_seed(0)
+    d_in, d_out, rows, draws = 12, 6, 20, 6000
+    decay = 0.0 if shape == "isotropic" else 0.25
+    input_scale = torch.exp(-decay * torch.arange(d_in, dtype=torch.float64))
+    output_scale = torch.exp(-decay * torch.arange(d_out, dtype=torch.float64))
+    x = torch.randn(256, d_in, generator=generator, dtype=torch.float64) * input_scale
+
+    def noise_maps():
+        delta = torch.randn(draws, rows, d_out, generator=generator, dtype=torch.float64) * output_scale
+        inputs = torch.randn(draws, rows, d_in, generator=generator, dtype=torch.float64) * input_scale
+        return delta.transpose(1, 2) @ inputs  # [draws, d_out, d_in]
+
+    first, second = x @ noise_maps().transpose(1, 2), x @ noise_maps().transpose(1, 2)
+    agreement = (first * second).sum(dim=(1, 2))
+    noise = (first - second).pow(2).sum(dim=(1, 2)) / 2
+    measured = float(agreement.std() / noise.mean())
+    p = float(independent_entries(x.T @ x, torch.diag(output_scale**2), otherwise=float("nan")))
+    assert abs(measured * p**0.5 - 1) < 0.1, (measured, 1 / p**0.5, p)
+    if shape == "isotropic":
+        assert abs(p - d_in * d_out) < 0.3 * d_in * d_out, p
+    else:
+        assert p < d_in * d_out / 4, p
+
+
+def test_recm_sketches_a_wide_layers_moments_and_reads_the_same_entries():
+    """A moment wider than SKETCH_COLUMNS is kept as its product with fixed random vectors (a checkpoint holds
+    d × 64 numbers, not d × d): the p it gives is the whole moments' to within 15%, and it sums over batches."""
+    from equirelax.core.controllers.recm import SKETCH_COLUMNS, independent_entries, moment_sketch
+
+    generator = torch.Generator().manual_seed(1)
+    for d_in, d_out, decay in ((300, 200, 0.05), (480, 96, 0.2), (1000, 40, 0.01)):
+        scale_in = torch.exp(-decay * torch.arange(d_in, dtype=torch.float64))
+        scale_out = torch.exp(-decay * torch.arange(d_out, dtype=torch.float64))
+        x = torch.randn(4000, d_in, generator=generator, dtype=torch.float64) * scale_in
+        y = torch.randn(4000, d_out, generator=generator, dtype=torch.float64) * scale_out
+        inputs, outputs = x.T @ x, y.T @ y
+        exact = (inputs.pow(2).sum() ** 2 / (inputs @ inputs).pow(2).sum()
+                 * torch.diagonal(outputs).sum() ** 2 / outputs.pow(2).sum())
+        sketched = independent_entries(moment_sketch(x[:1000]) + moment_sketch(x[1000:]), moment_sketch(y),
+                                       otherwise=float("nan"))
+        assert moment_sketch(x).shape == (d_in, SKETCH_COLUMNS)
+        assert abs(float(sketched / exact) - 1) < 0.15, (d_in, float(sketched), float(exact))
+
+
 @pytest.mark.one_env
 def test_recm_reads_no_level_off_a_finite_symmetric_set_the_host_has_not_fitted_yet():
     """512 samples reshuffled every epoch, host Adam at 1e-3, 480 steps (the host far from fitting the set):
@@ -507,11 +560,14 @@ def test_recm_reads_no_level_off_a_finite_symmetric_set_the_host_has_not_fitted_
     by sample a few initialisations still read a level off layer 2, downstream (seeds 0-15: 2 of 16, with Adam's
     per-entry or per-map second moment on the probes alike), and none off layer 0, where the inputs enter: two
     independent noise maps agree by chance there beyond RECM's allowance, whose scatter is wider on layer 2 than
-    it assumes (RECM's docstring, "What it cannot tell apart"; ``benchmarks/recm_noise.py``)."""
+    it assumes (RECM's docstring, "What it cannot tell apart"; ``benchmarks/recm_noise.py``). With ``allowance:
+    rows`` (p from the rows' second moments) none does."""
     runs = [_recm_run("symmetric", n=512, lr=1e-3, steps=480, seed=seed) for seed in range(12)]
     assert all(levels["0"] <= 0.05 for levels, _, _ in runs), [levels for levels, _, _ in runs]
     misread = [levels for levels, _, _ in runs if max(levels.values()) > 0.05]
     assert len(misread) <= 2, misread
+    rows = [_recm_run("symmetric", n=512, lr=1e-3, steps=480, seed=seed, allowance="rows") for seed in range(12)]
+    assert all(max(levels.values()) <= 0.05 for levels, _, _ in rows), [levels for levels, _, _ in rows]
 
 
 @pytest.mark.one_env
@@ -526,7 +582,8 @@ def test_recm_relaxed_model_is_as_accurate_as_the_fixed_branch():
 @pytest.mark.parametrize(
     "controller,options",
     [("cr", {"epochs": 6}), ("ace", {"total_steps": 40}), ("ace-resilient", {"total_steps": 40}),
-     ("recm", {"probe_every": 3, "total_steps": 40}), ("fixed", {})],
+     ("recm", {"probe_every": 3, "total_steps": 40}), ("recm", {"allowance": "rows", "total_steps": 40}),
+     ("fixed", {})],
 )
 def test_resume_from_state_dict_reproduces_uninterrupted_training(controller, options, train_loop):
     x, y = make_task("field", 256)

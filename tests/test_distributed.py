@@ -36,7 +36,7 @@ def ranks(tmp_path_factory):
 @pytest.mark.parametrize("branch", worker.BRANCHES)
 def test_ranks_hold_identical_state_equal_to_one_process(ranks, controller, options, branch):
     rank0, rank1 = ranks
-    key = f"{controller}-{branch}"
+    key = worker.label(controller, options, branch)
     a, b = dict(_flatten(rank0[key])), dict(_flatten(rank1[key]))
     assert a.keys() == b.keys()
     for name in a:

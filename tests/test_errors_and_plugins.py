@@ -38,6 +38,7 @@ def test_unknown_controller_option(model):
         ("recm", {"warmup": -0.1}, "warmup"),
         ("recm", {"probe_lr": 0.0}, "probe_lr"),
         ("recm", {"probe_limit": -1.0}, "probe_limit"),
+        ("recm", {"allowance": "moments"}, r"'allowance' must be one of \('maps', 'rows'\)"),
     ],
 )
 def test_bad_controller_options(model, controller, options, message):

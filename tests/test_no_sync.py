@@ -28,7 +28,7 @@ def forbid_host_reads(monkeypatch):
 @pytest.mark.parametrize(
     "controller,options",
     [("fixed", {}), ("cr", {"epochs": 3}), ("ace", {}), ("ace-resilient", {}),
-     ("recm", {"probe_every": 2})],
+     ("recm", {"probe_every": 2}), ("recm", {"probe_every": 2, "allowance": "rows"})],
 )
 @pytest.mark.parametrize("branch", ["linear", "lowrank", "mlp"])
 def test_per_step_path_has_no_host_sync(monkeypatch, controller, options, branch):

@@ -67,7 +67,19 @@ V_b)x‖²/2 ÷ ‖f_eq(x)‖² the noise power and p the number of entries of V
 drifts slowly (V does), so averaging over time does not remove it: the gap
 keeps only what exceeds two such standard errors,
     s² = max(0, EMA(b²) − 2·EMA(ν²)/√p),
-a correction the two probe maps agree on beyond their noise. A ratio of row
+a correction the two probe maps agree on beyond their noise. ``allowance``
+(default "maps") counts p as the maps' entries, which assumes the noise spreads
+evenly over all of them; "rows" counts the independent entries a gradient's
+noise Σ δ xᵀ spreads over, from EMAs of the rows' second moments on probing
+steps (``independent_entries``). A trained model's features sit in a few
+directions (SevenNet-0's layers: p of 1.4 to 41 against 1920 entries), where
+two noise maps agree by chance far more than the entries say; "rows" then reads
+no level off symmetric data. It holds for independent gradient noise, but the
+maps RECM trains (rank 2, from a random A, one Adam moment per map) agree by
+chance less: the p their scatter implies on symmetric data is 1.6-2.9× the
+counted one on the README model's layers, 4-10× on MACE's, 5-270× on
+SevenNet-0's, so "rows" reads fields later; in 75-step MACE and NequIP
+fine-tunes, not at all (BENCHMARKS.md). A ratio of row
 sums, s depends on neither the batch size nor the loss scale, and it grows with
 the strength of a symmetry-breaking term (a field 30× weaker asks for a ~30×
 smaller correction).
@@ -96,19 +108,20 @@ What it cannot tell apart:
   data *is* not symmetric; orientation-dependent noise looks like a weak field;
 - a finite symmetric training set from a real broken symmetry, now and then: maps
   that learn from disjoint halves of the set share none of its orientations, but two
-  independent noise maps still agree by chance, and the allowance 2·ν²/√p, p the
+  independent noise maps still agree by chance, and the default allowance 2·ν²/√p, p the
   maps' entries, assumes the noise spreads evenly over all of them. On the README
   model's downstream layer (4 outputs) the scatter is 1.4× wider than assumed, and 2 of
   16 runs on 512 symmetric samples (float64, seeds 0-15) read a level there (with
   per-entry moments too); where the inputs enter it is half as wide and none does. Each
   map following its gradient puts its noise on fewer entries: a 40-step SevenNet-0
   fine-tune on symmetric data read levels of 1.0, 1.0 and 0.47 on three seeds (0.24 on
-  one layer of one seed with per-entry moments). Counting the entries the noise spreads
-  over instead (the participation ratio of the maps' gradient second moments) gave 0.66,
-  0 and 0 there but read fields later in every host fine-tune, so it is not used
-  (BENCHMARKS.md, ``benchmarks/recm_noise.py``). On the README example at Adam lr 1e-3,
-  batches reshuffled, 0 of 12 runs read a level > 0.1 (9 of 12 when both maps met every
-  sample);
+  one layer of one seed with per-entry moments), and on field data the same layer read
+  1.0. ``allowance: rows`` reads none of these (0 of 16; every SevenNet-0 level 0 on
+  both data), at the cost above. Counting the entries as the participation ratio of the
+  maps' gradient second moments gave 0.66, 0 and 0 on SevenNet-0 and also read fields
+  later in every host fine-tune (BENCHMARKS.md, ``benchmarks/recm_noise.py``). On the
+  README example at Adam lr 1e-3, batches reshuffled, 0 of 12 runs read a level > 0.1
+  (9 of 12 when both maps met every sample);
 - which of several layers should carry a correction that each of them could
   make: a layer downstream of the one where the breaking enters reads a level
   too (each layer's maps are bounded, so none absorbs the whole correction);
@@ -117,6 +130,8 @@ What it cannot tell apart:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..distributed import all_reduce_
@@ -124,13 +139,66 @@ from ..hookspecs import hookimpl
 from .base import Controller
 
 
+ALLOWANCES = ("maps", "rows")  # p of the noise allowance: the probe maps' entries, or independent_entries of the rows
+SKETCH_COLUMNS = 64  # a second moment of a wider dimension is kept as its product with this many random vectors
+
+
+@functools.lru_cache(maxsize=64)
+def _sketch_vectors(dim: int, device: str) -> torch.Tensor | None:
+    """None where a dim × dim moment is kept whole; else fixed Gaussian vectors [dim, SKETCH_COLUMNS]."""
+    if dim <= SKETCH_COLUMNS:
+        return None
+    generator = torch.Generator().manual_seed(dim)
+    return torch.randn(dim, SKETCH_COLUMNS, generator=generator, dtype=torch.float64).to(device)
+
+
+def moment_sketch(rows: torch.Tensor) -> torch.Tensor:
+    """Σ x xᵀ over ``rows`` [n, dim] (float64), or its product with ``_sketch_vectors`` for a wide dim: linear in
+    the rows, so EMAs and sums over ranks of sketches are sketches of the EMA and the sum (a 3136-wide input's
+    moment would take 79 MB per layer in every checkpoint; its sketch takes 1.6 MB)."""
+    vectors = _sketch_vectors(rows.shape[-1], str(rows.device))
+    return rows.T @ rows if vectors is None else rows.T @ (rows @ vectors)
+
+
+def moment_traces(sketch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tr(M), tr(M²), tr(M⁴) of a second moment M from ``moment_sketch``'s sketch S: exact for a whole moment; for
+    S = M·Z, Z Gaussian with k columns, the unbiased tr(ZᵀS)/k, tr(SᵀS)/k and Σ_{i≠j} (SᵀS)_ij² / (k(k−1))
+    (with W = SᵀS = ZᵀM²Z, E[W_ij²] = tr(M⁴) for i ≠ j)."""
+    vectors = _sketch_vectors(sketch.shape[0], str(sketch.device))
+    if vectors is None:
+        return torch.diagonal(sketch).sum(), sketch.pow(2).sum(), (sketch @ sketch).pow(2).sum()
+    k = vectors.shape[1]
+    gram = sketch.T @ sketch
+    off_diagonal = gram.pow(2).sum() - torch.diagonal(gram).pow(2).sum()
+    return (vectors * sketch).sum() / k, torch.diagonal(gram).sum() / k, off_diagonal / (k * (k - 1))
+
+
+def independent_entries(inputs: torch.Tensor, outputs: torch.Tensor, otherwise: float) -> torch.Tensor:
+    """p, the number of independent entries over which two independent noise maps' agreement ⟨N_a x, N_b x⟩
+    (summed over rows) scatters, relative to their power: its standard deviation is ν²/√p. A map's noise is its
+    gradient's, Σ δ xᵀ over rows, whose covariance is D ⊗ C (D: the outputs' second moment, C: the inputs'),
+    and the inputs weigh twice, once in the noise and once in the inner product, so
+    p = tr(C²)²/tr(C⁴) · tr(D)²/tr(D²) (each a participation ratio; d_in·d_out for isotropic rows).
+    ``inputs``, ``outputs``: ``moment_sketch`` of C and D (or their EMAs); ``otherwise`` where either is still
+    zero or p is not finite."""
+    tiny = torch.finfo(torch.float64).tiny
+    _, input_square, input_fourth = moment_traces(inputs)
+    output_trace, output_square, _ = moment_traces(outputs)
+    entries = (input_square**2 / input_fourth.clamp(min=tiny)) * (output_trace**2 / output_square.clamp(min=tiny))
+    measured = (input_square > 0) & (output_square > 0) & torch.isfinite(entries) & (entries > 0)
+    return torch.where(measured, entries, torch.full_like(entries, otherwise))
+
+
 class RECM(Controller):
     name = "recm"
     defaults = {"probe_every": 4, "probe_every_saturated": None, "tau": 0.05, "horizon": 0.2, "gamma0": 1.0,
-                "probe_rank": 2, "warmup": 0.0, "probe_lr": 0.01, "probe_limit": 2.0}
+                "probe_rank": 2, "warmup": 0.0, "probe_lr": 0.01, "probe_limit": 2.0, "allowance": "maps"}
     needs_probe = True
 
     def validate(self):
+        if self.options["allowance"] not in ALLOWANCES:
+            raise ValueError(f"equirelax: recm option 'allowance' must be one of {ALLOWANCES}, "
+                             f"got {self.options['allowance']!r}")
         self._positive("tau", "horizon", "probe_lr", "probe_limit")
         self._positive("warmup", allow_zero=True)
         if self.options["warmup"] > 1:
@@ -163,6 +231,10 @@ class RECM(Controller):
                 for moment in ("m", "v"):  # (checkpoints written while the maps were host parameters lack them)
                     layer.add_state(f"probe_{moment}{key}", torch.zeros_like(weight, dtype=torch.float64),
                                     fresh_if_missing=True)
+            if self.options["allowance"] == "rows":  # the rows' second moments on probing steps, sketched
+                for key, dim in (("input", layer.probe_A.shape[-1]), ("output", layer.probe_B.shape[-2])):
+                    layer.add_state(f"{key}_moment", torch.zeros(dim, min(dim, SKETCH_COLUMNS), dtype=torch.float64),
+                                    fresh_if_missing=True)
             layer.add_state("probe_updates", torch.zeros((), dtype=torch.long), fresh_if_missing=True)
             # the probing schedule: the last probing step (-1: none yet) and the steps from it to the next
             layer.add_state("last_probe", torch.full((), -1, dtype=torch.long), fresh_if_missing=True)
@@ -188,11 +260,19 @@ class RECM(Controller):
         warmup = self.options["warmup"] * handle.require_total_steps("recm")
         return 1.0 if warmup <= 0 else min(1.0, (self.steps + 1) / warmup)
 
+    def noise_entries(self, layer) -> float | torch.Tensor:
+        """p for this layer's allowance: the probe maps' entries (``allowance`` "maps"), or ``independent_entries``
+        of the EMAs of the rows' second moments on probing steps ("rows"; the maps' entries before a probe)."""
+        maps = float(layer.probe_A[0].numel() + layer.probe_B[0].numel())
+        if self.options["allowance"] == "maps":
+            return maps
+        entries = independent_entries(layer.state("input_moment"), layer.state("output_moment"), maps)
+        return entries.to(layer.gamma.dtype)
+
     def gap(self, layer) -> torch.Tensor:
-        """s = √max(0, EMA(b²) − 2·EMA(ν²)/√p), the EMAs bias-corrected."""
+        """s = √max(0, EMA(b²) − 2·EMA(ν²)/√p), the EMAs bias-corrected, p from ``noise_entries``."""
         weight = layer.state("gap_weight").clamp(min=1e-12)
-        A, B = layer.probe_A, layer.probe_B
-        entries = A[0].numel() + B[0].numel()
+        entries = self.noise_entries(layer)
         excess = layer.state("gap") / weight - 2.0 * layer.state("noise") / weight / entries**0.5
         return torch.sqrt(torch.clamp(excess, min=0))
 
@@ -271,7 +351,9 @@ class RECM(Controller):
         measured = {name: layer.probe_sums for name, layer in self.layers.items()
                     if layer.probing and layer.probe_sums is not None}
         sums = [torch.stack(values).to(torch.float64) for values in measured.values()]
-        all_reduce_(sums, average=False)  # data parallel: the global batch's rows
+        moments = ([moment_sketch(rows.to(torch.float64)) for name in measured for rows in self.layers[name].probe_rows]
+                   if self.options["allowance"] == "rows" else [])
+        all_reduce_(sums + moments, average=False)  # data parallel: the global batch's rows
         tiny = torch.finfo(torch.float64).tiny
         sizes = {name: (values[3:5] / values[2].clamp(min=tiny)).sqrt().clamp(min=tiny)
                  for name, values in zip(measured, sums)}
@@ -282,9 +364,12 @@ class RECM(Controller):
         tau, gamma0 = self.options["tau"], self.options["gamma0"]
         trust = self.trust(handle)
         with torch.no_grad():
-            for name, values in zip(measured, sums):
+            for index, (name, values) in enumerate(zip(measured, sums)):
                 layer = self.layers[name]
-                layer.probe_sums = None
+                layer.probe_sums = layer.probe_rows = None
+                for key, value in zip(("input_moment", "output_moment"), moments[2 * index:2 * index + 2]):  # "rows"
+                    state = layer.state(key)
+                    state.copy_(self.keep_if(finite, (1 - a) * state + a * value, state))
                 output = values[2].clamp(min=tiny)
                 cross, noise = (values[0] / output).to(layer.gamma.dtype), (values[1] / output).to(layer.gamma.dtype)
                 for key, value in (("gap", cross), ("noise", noise)):

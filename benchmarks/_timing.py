@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 import time
 
@@ -24,14 +25,22 @@ def add_controllers_option(parser):
     parser.add_argument("--controllers", nargs="+",
                         choices=[label for label, controller, _ in CONTROLLERS if controller],
                         help="only these rows besides vanilla (e.g. fixed ace-resilient)")
+    parser.add_argument("--controller-options", type=json.loads, default={},
+                        help='a further row per controller with these options, '
+                             'e.g. \'{"recm": {"allowance": "rows"}}\'')
 
 
-def relaxed_variants(base, relax, only=None, rows=CONTROLLERS) -> dict:
+def relaxed_variants(base, relax, only=None, rows=CONTROLLERS, extra=None) -> dict:
     """``{label: (model, handle or None)}``: a deep copy of ``base`` per row of ``rows`` (``only``: just these
-    besides vanilla), relaxed by ``relax(model, controller, options)``."""
+    besides vanilla), relaxed by ``relax(model, controller, options)``; ``extra`` ({row label: options}) adds
+    that row again with the options added."""
+    rows = list(rows)
+    for label, options in (extra or {}).items():
+        controller, defaults = next((c, o) for name, c, o in rows if name == label)
+        rows.append((f"{label} {json.dumps(options)}", controller, {**defaults, **options}))
     variants = {}
     for label, controller, options in rows:
-        if controller and only and label not in only:
+        if controller and only and label.split(" ")[0] not in only:
             continue
         model = copy.deepcopy(base)
         variants[label] = (model, relax(model, controller, options) if controller else None)

@@ -2,6 +2,7 @@
 
     .venv-mace/bin/python benchmarks/mace_speed.py [--hidden "64x0e + 64x1o"] [--repeats 5] [--steps 10]
                                                    [--device cuda] [--dtype float32]
+        [--controllers fixed recm] [--controller-options '{"recm": {"allowance": "rows"}}']
 
 A training step is MACE's own: forward with forces (training=True, so the force
 graph is kept), energy + force loss, backward, Adam step. Variants are timed
@@ -64,7 +65,8 @@ def main():
     base.to(args.device)
     batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in make_batch(table).items()}
     variants = relaxed_variants(base, lambda model, controller, options: equirelax.relax(
-        model, controller, branch=args.branch, rank=args.rank, total_steps=TIMING_BUDGET, **options), args.controllers)
+        model, controller, branch=args.branch, rank=args.rank, total_steps=TIMING_BUDGET, **options), args.controllers,
+        extra=args.controller_options)
 
     def loss(model):
         out = model(batch, training=True, compute_force=True)

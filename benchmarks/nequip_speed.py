@@ -1,6 +1,7 @@
 """NequIP training-step time, relaxed vs vanilla (same model, same batch, one run), and exported-model inference.
 
     .venv-nequip/bin/python benchmarks/nequip_speed.py [--features 32] [--l-max 2] [--layers 4] [--repeats 5]
+        [--controllers fixed recm] [--controller-options '{"recm": {"allowance": "rows"}}']
 
 A training step is what NequIP's Lightning module does per batch: forward
 through ``GraphModel`` (forces by autograd), energy + force MSE, backward, Adam
@@ -57,7 +58,8 @@ def main():
     batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in make_batch().items()}
     variants = relaxed_variants(base, lambda model, controller, options: equirelax.relax(
         model, controller, branch=args.branch, rank=args.rank, adapter="nequip", total_steps=TIMING_BUDGET,
-        **options), args.controllers)
+        **options), args.controllers,
+        extra=args.controller_options)
     sync = device_sync(args.device)
 
     def loss(model):

@@ -2,7 +2,8 @@
 exported-model inference.
 
     .venv-nequip/bin/python benchmarks/sevenn_speed.py [--clusters 4] [--repeats 5] [--steps 5] [--threads 2]
-        [--branch linear|lowrank|mlp]
+        [--branch linear|lowrank|mlp] [--controllers fixed recm]
+        [--controller-options '{"recm": {"allowance": "rows"}}']
 
 A training step is what sevenn's ``Trainer.run_one_epoch`` does per batch:
 forward through ``AtomGraphSequential`` (forces by autograd), energy + force
@@ -55,7 +56,8 @@ def main():
     batch = make_batch(args.clusters, float(config["cutoff"]))
     variants = relaxed_variants(base, lambda model, controller, options: equirelax.relax(
         model, controller, adapter="sevenn", branch=args.branch, total_steps=TIMING_BUDGET, **options),
-        args.controllers)
+        args.controllers,
+        extra=args.controller_options)
 
     def forward(model):
         data = batch.clone()

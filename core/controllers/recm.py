@@ -78,8 +78,8 @@ no level off symmetric data. It holds for independent gradient noise, but the
 maps RECM trains (rank 2, from a random A, one Adam moment per map) agree by
 chance less: the p their scatter implies on symmetric data is 1.6-2.9× the
 counted one on the README model's layers, 4-10× on MACE's, 5-270× on
-SevenNet-0's, so "rows" reads fields later; in 75-step MACE and NequIP
-fine-tunes, not at all (BENCHMARKS.md). A ratio of row
+SevenNet-0's, so "rows" reads fields later: too late to help in the MACE and
+NequIP fine-tuning benchmarks (75 and 150 steps; BENCHMARKS.md). A ratio of row
 sums, s depends on neither the batch size nor the loss scale, and it grows with
 the strength of a symmetry-breaking term (a field 30× weaker asks for a ~30×
 smaller correction).

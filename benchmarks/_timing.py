@@ -34,14 +34,16 @@ def relaxed_variants(base, relax, only=None, rows=CONTROLLERS, extra=None) -> di
     """``{label: (model, handle or None)}``: a deep copy of ``base`` per row of ``rows`` (``only``: just these
     besides vanilla), relaxed by ``relax(model, controller, options)``; ``extra`` ({row label: options}) adds
     that row again with the options added."""
-    rows = list(rows)
+    known = {name: (controller, defaults) for name, controller, defaults in rows if controller}
+    rows = [row for row in rows if not row[1] or not only or row[0] in only]
     for label, options in (extra or {}).items():
-        controller, defaults = next((c, o) for name, c, o in rows if name == label)
-        rows.append((f"{label} {json.dumps(options)}", controller, {**defaults, **options}))
+        if label not in known:
+            raise ValueError(f"--controller-options names {label!r}; the rows are {sorted(known)}")
+        if not only or label in only:
+            controller, defaults = known[label]
+            rows.append((f"{label} {json.dumps(options)}", controller, {**defaults, **options}))
     variants = {}
     for label, controller, options in rows:
-        if controller and only and label.split(" ")[0] not in only:
-            continue
         model = copy.deepcopy(base)
         variants[label] = (model, relax(model, controller, options) if controller else None)
     return variants

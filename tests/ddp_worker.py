@@ -17,7 +17,7 @@ STEPS, EPOCHS, GLOBAL_BATCH = 4, 2, 32
 
 
 def label(controller, options, branch) -> str:
-    return "-".join([controller, *(f"{key}={value}" for key, value in options.items() if key != "epochs"), branch])
+    return "-".join([controller, *(f"{key}={value}" for key, value in options.items()), branch])
 
 
 def train(controller, options, branch, rank=0, world=1):

@@ -351,9 +351,9 @@ class RECM(Controller):
         measured = {name: layer.probe_sums for name, layer in self.layers.items()
                     if layer.probing and layer.probe_sums is not None}
         sums = [torch.stack(values).to(torch.float64) for values in measured.values()]
-        moments = ([moment_sketch(rows.to(torch.float64)) for name in measured for rows in self.layers[name].probe_rows]
-                   if self.options["allowance"] == "rows" else [])
-        all_reduce_(sums + moments, average=False)  # data parallel: the global batch's rows
+        moments = ({name: [moment_sketch(rows.to(torch.float64)) for rows in self.layers[name].probe_rows]
+                    for name in measured} if self.options["allowance"] == "rows" else {})
+        all_reduce_(sums + [m for pair in moments.values() for m in pair], average=False)  # the global batch's rows
         tiny = torch.finfo(torch.float64).tiny
         sizes = {name: (values[3:5] / values[2].clamp(min=tiny)).sqrt().clamp(min=tiny)
                  for name, values in zip(measured, sums)}
@@ -364,10 +364,10 @@ class RECM(Controller):
         tau, gamma0 = self.options["tau"], self.options["gamma0"]
         trust = self.trust(handle)
         with torch.no_grad():
-            for index, (name, values) in enumerate(zip(measured, sums)):
+            for name, values in zip(measured, sums):
                 layer = self.layers[name]
                 layer.probe_sums = layer.probe_rows = None
-                for key, value in zip(("input_moment", "output_moment"), moments[2 * index:2 * index + 2]):  # "rows"
+                for key, value in zip(("input_moment", "output_moment"), moments.get(name, ())):  # "rows"
                     state = layer.state(key)
                     state.copy_(self.keep_if(finite, (1 - a) * state + a * value, state))
                 output = values[2].clamp(min=tiny)

@@ -13,7 +13,7 @@ import copy
 import torch
 
 from ..core._e3nn import o3
-from ..core.irreps import as_irreps
+from ..core.irreps import as_irreps, to_device_async
 from ..core.projection import HaarProjector
 from .base import Adapter, LayerSpec
 
@@ -161,11 +161,12 @@ class MergePlan:
         self._cache = {}
 
     def _on(self, device):
-        # built once per device: a host-to-device copy every step would stall the queue
+        # built once per device, asynchronously: a blocking host-to-device copy would stall the queue
         key = (device, self.linear.weight.dtype)
         if key not in self._cache:
-            self._cache[key] = (self.rows.to(device), self.cols.to(device), self.flat.to(device),
-                                self.factors.to(device=device, dtype=self.linear.weight.dtype))
+            self._cache[key] = (to_device_async(self.rows, device), to_device_async(self.cols, device),
+                                to_device_async(self.flat, device),
+                                to_device_async(self.factors, device, self.linear.weight.dtype))
         return self._cache[key]
 
     def __call__(self, weight: torch.Tensor) -> None:

@@ -2,6 +2,7 @@
 exported-model inference.
 
     .venv-nequip/bin/python benchmarks/sevenn_speed.py [--clusters 4] [--repeats 5] [--steps 5] [--threads 2]
+        [--device cuda]
         [--branch linear|lowrank|mlp] [--controllers fixed recm]
         [--controller-options '{"recm": {"allowance": "rows"}}']
 
@@ -19,7 +20,7 @@ import argparse
 import torch
 
 import equirelax
-from _timing import (TIMING_BUDGET, add_controllers_option, print_table, relaxed_variants,
+from _timing import (TIMING_BUDGET, add_controllers_option, device_sync, print_table, relaxed_variants,
                      time_variants)  # benchmarks/ is on sys.path when run as a script
 
 
@@ -46,6 +47,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--branch", default="linear", choices=["linear", "lowrank", "mlp"])
     add_controllers_option(parser)
     args = parser.parse_args()
@@ -53,7 +55,8 @@ def main():
     from sevenn.util import model_from_checkpoint, pretrained_name_to_path
 
     base, config = model_from_checkpoint(pretrained_name_to_path("7net-0"))
-    batch = make_batch(args.clusters, float(config["cutoff"]))
+    base.to(args.device)
+    batch = make_batch(args.clusters, float(config["cutoff"])).to(args.device)
     variants = relaxed_variants(base, lambda model, controller, options: equirelax.relax(
         model, controller, adapter="sevenn", branch=args.branch, total_steps=TIMING_BUDGET, **options),
         args.controllers,
@@ -69,9 +72,9 @@ def main():
         return ((out["inferred_total_energy"] - out["total_energy"]) ** 2).mean() \
             + ((out["inferred_force"] - out["force_of_atoms"]) ** 2).mean()
 
-    train, infer = time_variants(variants, loss, forward, args.repeats, args.steps)
+    train, infer = time_variants(variants, loss, forward, args.repeats, args.steps, device_sync(args.device))
     print(f"# SevenNet-0 (7net-0, 842k parameters), {args.branch} branch on the 10 self-interaction linears, batch of "
-          f"{args.clusters} EMT clusters ({batch['pos'].shape[0]} atoms), float32, cpu, {args.threads} threads, "
+          f"{args.clusters} EMT clusters ({batch['pos'].shape[0]} atoms), float32, {args.device}, {args.threads} threads, "
           f"median of {args.repeats} repeats of {args.steps} steps, variants interleaved\n")
     print_table(train, infer)
 

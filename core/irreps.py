@@ -15,6 +15,15 @@ from ._e3nn import o3
 GROUPS = ("O3", "SO3")
 
 
+def to_device_async(t: torch.Tensor, device, dtype=None) -> torch.Tensor:
+    """``t`` on ``device`` without waiting on its queue: a copy from pageable host memory stalls the GPU
+    stream, one from pinned memory does not (PyTorch keeps the pinned block until the copy has run)."""
+    t = t.to(dtype) if dtype is not None else t
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def as_irreps(irreps) -> "o3.Irreps":
     try:
         return o3.Irreps(irreps)
@@ -129,7 +138,7 @@ class GeneratorAction:
     def _generator(self, l, dtype, device):
         key = (l, dtype, device)
         if key not in self._cache:
-            self._cache[key] = self._float64[l].to(dtype=dtype, device=device)
+            self._cache[key] = to_device_async(self._float64[l], device, dtype)
         return self._cache[key]
 
     def left(self, M: torch.Tensor) -> torch.Tensor:

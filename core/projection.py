@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from .irreps import as_irreps, check_group, copy_indices, irrep_copy_starts, random_rotations, wigner_D
+from .irreps import (as_irreps, check_group, copy_indices, irrep_copy_starts, random_rotations, to_device_async,
+                     wigner_D)
 
 
 class HaarProjector:
@@ -59,10 +60,11 @@ class HaarProjector:
         return pieces
 
     def _blocks(self, device):
-        # index tensors copied once per device: a host-to-device copy every step would stall the GPU queue
+        # index tensors copied once per device, asynchronously: the first step must not stall the GPU queue
         if device not in self._on_device:
             self._on_device[device] = [
-                (out_idx[:, None, :].to(device), in_idx[None, :, :].to(device), out_idx.shape[1])
+                (to_device_async(out_idx[:, None, :], device), to_device_async(in_idx[None, :, :], device),
+                 out_idx.shape[1])
                 for out_idx, in_idx in self.blocks
             ]
         return self._on_device[device]

@@ -57,11 +57,12 @@ def test_per_step_path_has_no_host_sync(monkeypatch, controller, options, branch
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("controller,options", [("cr", {"epochs": 3}), ("ace-resilient", {}),
-                                                ("recm", {"probe_every": 2})])
+@pytest.mark.parametrize("controller,options", [("cr", {"epochs": 3}), ("ace", {}), ("ace-resilient", {}),
+                                                ("recm", {"probe_every": 2}),
+                                                ("recm", {"probe_every": 2, "allowance": "rows"})])
 def test_per_step_path_has_no_cuda_sync(controller, options):
     """On a GPU, CUDA's own sync detector: any synchronising call in the controller's per-step path raises."""
-    model = gated_e3nn_model().cuda()
+    model = gated_e3nn_model(hidden_mul=24).cuda()  # a 120-wide layer: RECM's rows keep a sketch of its moments
     handle = equirelax.relax(model, controller, total_steps=4, **options)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x, y = (t.cuda() for t in make_task("field", 32))

@@ -136,6 +136,7 @@ import torch
 
 from ..distributed import all_reduce_
 from ..hookspecs import hookimpl
+from ..irreps import to_device_async
 from .base import Controller
 
 
@@ -149,7 +150,7 @@ def _sketch_vectors(dim: int, device: str) -> torch.Tensor | None:
     if dim <= SKETCH_COLUMNS:
         return None
     generator = torch.Generator().manual_seed(dim)
-    return torch.randn(dim, SKETCH_COLUMNS, generator=generator, dtype=torch.float64).to(device)
+    return to_device_async(torch.randn(dim, SKETCH_COLUMNS, generator=generator, dtype=torch.float64), device)
 
 
 def moment_sketch(rows: torch.Tensor) -> torch.Tensor:

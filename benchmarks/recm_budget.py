@@ -4,7 +4,7 @@ seeds.
 
     .venv-mace/bin/python benchmarks/recm_budget.py [--epochs 20 60] [--seeds 12] [--lr 1e-2] [--options '{"warmup": 0.5}']
         [--kinds field symmetric] [--shuffle] [--measure-only] [--split-by-position] [--fixed]
-        [--hold-at-one]
+        [--hold-at-one] [--host-skips-probes]
 
 ``--shuffle`` draws the batches in a new order every epoch, as hosts' data loaders do (the README's loop
 keeps one order, so each sample always meets the same probe map). ``--measure-only`` sets every level
@@ -15,6 +15,7 @@ the rest, as before the maps were split by sample: over reshuffled epochs each m
 (by default each sample's hash sends it to one map, in every epoch). ``--fixed`` also trains each seed with the
 unconstrained `fixed` branch and gives RECM's test MSE over it. ``--hold-at-one`` sets every level back to 1
 after each of RECM's updates (it still measures and probes): what the probing steps alone cost.
+``--host-skips-probes`` drops the model's gradients on probing steps: only the probe maps learn there.
 
 Per budget and data: each layer's end level (median and range over seeds), how many seeds end with some
 layer above 0.1, the median share of epochs at whose end every level was 0, and the test MSE (median over
@@ -50,8 +51,19 @@ class HoldLevels:
             layer.gamma.data.fill_(self.level)
 
 
+class SkipHostOnProbes:
+    """Drops every model parameter's gradient on RECM's probing steps, so the optimizer leaves them as they are."""
+
+    @hookimpl(trylast=True)
+    def equirelax_after_backward(self, handle, finite):
+        if any(layer.probing for layer in handle.layers.values()):
+            for parameter in handle.model.parameters():
+                parameter.grad = None
+
+
 def run(kind: str, epochs: int, seed: int, options: dict, lr: float = 1e-2, shuffle: bool = False,
-        hold: float | None = None, split_by_position: bool = False, controller: str = "recm"):
+        hold: float | None = None, split_by_position: bool = False, controller: str = "recm",
+        host_skips_probes: bool = False):
     """The README example with ``epochs`` epochs: (end levels, levels after each epoch, test MSE). ``hold``: every
     level is set back to it after each of RECM's updates; at 0 (``--measure-only``) the levels given are the ones
     RECM's gap would set, min(1, gap/τ)."""
@@ -62,6 +74,8 @@ def run(kind: str, epochs: int, seed: int, options: dict, lr: float = 1e-2, shuf
                              total_steps=epochs * 8, **(options if controller == "recm" else {}))
     if hold is not None:
         handle.plugins.register(HoldLevels(hold))
+    if host_skips_probes and controller == "recm":
+        handle.plugins.register(SkipHostOnProbes())
     if split_by_position:
         remove_sample_split(model)
     optimizer = handle.wrap(torch.optim.Adam(model.parameters(), lr=lr))
@@ -105,6 +119,8 @@ def main():
                         help="each probe map learns from its half of each batch's rows, not of the samples")
     held.add_argument("--hold-at-one", dest="hold", action="store_const", const=1.0,
                       help="hold every level at 1 (RECM still measures and probes): the probing steps' own cost")
+    parser.add_argument("--host-skips-probes", action="store_true",
+                        help="the model's parameters do not step on probing steps (only the probe maps learn)")
     parser.add_argument("--fixed", action="store_true",
                         help="also train each seed with the `fixed` branch (γ = 1 throughout, no probes) and give "
                              "RECM's test MSE over it")
@@ -116,8 +132,8 @@ def main():
     print("|---|---|" + "---|" * len(TARGETS) + "---|---|---|" + ("---|" if args.fixed else ""))
     for kind in args.kinds:
         for epochs in args.epochs:
-            runs = [run(kind, epochs, seed, args.options, args.lr, args.shuffle, args.hold, args.split_by_position)
-                    for seed in range(args.seeds)]
+            runs = [run(kind, epochs, seed, args.options, args.lr, args.shuffle, args.hold, args.split_by_position,
+                        host_skips_probes=args.host_skips_probes) for seed in range(args.seeds)]
             cells = []
             for target in TARGETS:
                 ends = [levels[target] for levels, _, _ in runs]

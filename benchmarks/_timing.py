@@ -65,8 +65,9 @@ def seconds_per_step(step, steps: int, sync, warmup: int = 2) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def train_time(model, handle, loss, steps: int, sync) -> float:
-    """One host training step: forward (forces by autograd), loss, backward, Adam step; the controller in its hooks."""
+def training_step(model, handle, loss):
+    """One host training step as a callable: forward (forces by autograd), loss, backward, Adam step; the
+    controller in its hooks."""
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     if handle:
         handle.wrap(opt)
@@ -77,7 +78,11 @@ def train_time(model, handle, loss, steps: int, sync) -> float:
         loss(model).backward()
         opt.step()
 
-    return seconds_per_step(step, steps, sync)
+    return step
+
+
+def train_time(model, handle, loss, steps: int, sync) -> float:
+    return seconds_per_step(training_step(model, handle, loss), steps, sync)
 
 
 def inference_time(model, infer, steps: int, sync) -> float:

@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import mace_speed  # benchmarks/ is on sys.path when run as a script
 import equirelax
-from _timing import TIMING_BUDGET, add_controllers_option, relaxed_variants
+from _timing import TIMING_BUDGET, add_controllers_option, relaxed_variants, training_step
 from equirelax.core.handle import RelaxHandle
 from equirelax.core.layer import RelaxedLayer
 
@@ -70,20 +70,13 @@ def main():
           f"mean of {args.steps} steps (min / max over them)\n")
     print("| model | per step | / vanilla | / fixed | relaxed layers' forwards | after_backward | after_step | host |")
     print("|---|---|---|---|---|---|---|---|")
+    def loss(model):
+        out = model(batch, training=True, compute_force=True)
+        return ((out["energy"] - batch["energy"]) ** 2).mean() + ((out["forces"] - batch["forces"]) ** 2).mean()
+
     means = {}
     for label, (model, handle) in variants.items():
-        optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-        if handle:
-            handle.wrap(optimizer)
-        model.train()
-
-        def step():
-            optimizer.zero_grad()
-            out = model(batch, training=True, compute_force=True)
-            loss = ((out["energy"] - batch["energy"]) ** 2).mean() + ((out["forces"] - batch["forces"]) ** 2).mean()
-            loss.backward()
-            optimizer.step()
-
+        step = training_step(model, handle, loss)
         for _ in range(6):
             step()
         steps = [count_ops(step) for _ in range(args.steps)]

@@ -1,6 +1,7 @@
 """Relaxed vs vanilla e3nn training on generated data: accuracy per controller, and step time.
 
     python benchmarks/e3nn_synthetic.py accuracy [--steps N] [--seeds K] [--runs vanilla fixed recm]
+        [--controller-options '{"recm": {"probe_every": 4}}']
     python benchmarks/e3nn_synthetic.py speed [--repeats K]
     python benchmarks/e3nn_synthetic.py ace
     python benchmarks/e3nn_synthetic.py recm
@@ -23,6 +24,7 @@ vs the same model unrelaxed, medians of repeats, ratios measured in one run.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -85,8 +87,11 @@ def accuracy(args):
         print(f"\n## {kind} data: test MSE (mean ± std over seeds)\n")
         print("| model | relaxed | exported (merged, equivariant) | final γ per layer | exported eq. error |")
         print("|---|---|---|---|---|")
-        for label, controller, options in CONTROLLERS:
-            if args.runs and label not in args.runs:
+        extra = [(f"{label} {json.dumps(options)}", controller, {**defaults, **options})
+                 for label, controller, defaults in CONTROLLERS for name, options in args.controller_options.items()
+                 if label == name]
+        for label, controller, options in CONTROLLERS + extra:
+            if args.runs and label.split(" {")[0] not in args.runs:
                 continue
             rows = [run_accuracy(kind, label, controller, options, args.steps, seed) for seed in range(args.seeds)]
 
@@ -263,6 +268,8 @@ def main():
     acc.add_argument("--steps", type=int, default=1500)
     acc.add_argument("--seeds", type=int, default=3)
     acc.add_argument("--runs", nargs="+", help="only these rows (labels, e.g. vanilla recm)")
+    acc.add_argument("--controller-options", type=json.loads, default={},
+                     help='a further row per named row with these options, e.g. \'{"recm": {"probe_every": 4}}\'')
     spd = sub.add_parser("speed")
     spd.add_argument("--repeats", type=int, default=5)
     spd.add_argument("--steps", type=int, default=20)

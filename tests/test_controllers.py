@@ -417,6 +417,47 @@ class _ProbeSteps:
             self.steps.append(handle.controller.steps)
 
 
+@pytest.mark.parametrize("total_steps,options,every", [
+    (480, {}, 4), (10_000, {}, 4), (10_001, {}, 5), (50_000, {}, 20), (50_000, {"probe_every": 4}, 4),
+    (50_000, {"probe_every_saturated": 8}, 20)])
+def test_recm_probes_about_2500_times_in_a_long_run(total_steps, options, every):
+    """By default a run probes every 4th step, or about 2500 times in all where that is rarer (every 20th step
+    of a 50000-step training): the interval follows the budget a host gives after relaxing, an explicit
+    ``probe_every`` is kept, and the saturated cap never undercuts it."""
+    torch.manual_seed(0)
+    model = gated_e3nn_model()
+    handle = equirelax.relax(model, "recm", **options)
+    handle.set_total_steps(total_steps)  # as a host plugin does, after relaxing
+    probes = _ProbeSteps()
+    handle.plugins.register(probes)
+    opt = handle.wrap(torch.optim.Adam(model.parameters(), lr=1e-2))
+    x, y = make_task("field", 64)
+    for _ in range(3 * every):
+        opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        opt.step()
+    assert probes.steps == [every - 1, 2 * every - 1, 3 * every - 1]
+    assert handle.controller.rate(handle) == pytest.approx(1 / (1 + 0.2 * total_steps / every))
+    assert all(int(layer.state("probe_interval")) == every for layer in handle.layers.values())
+    handle.controller.last_probe = 3 * every - 1
+    for layer in handle.layers.values():
+        layer.gamma.data.fill_(1.0)
+    handle.epoch_end()  # every level saturated: the interval doubles, up to the cap (never below the interval)
+    assert handle.controller.interval == min(2 * every, max(options.get("probe_every_saturated", 4 * every), every))
+
+
+def test_recm_without_a_budget_says_so_before_the_first_optimizer_step():
+    model = gated_e3nn_model()
+    handle = equirelax.relax(model, "recm")
+    opt = handle.wrap(torch.optim.Adam(model.parameters(), lr=1e-2))
+    before = copy.deepcopy(model.state_dict())
+    x, y = make_task("field", 64)
+    (model(x) - y).pow(2).mean().backward()
+    with pytest.raises(ValueError, match="recm needs the run's total number of optimizer steps"):
+        opt.step()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_recm_probes_less_often_while_every_level_is_saturated():
     """The README example in the field (every level reaches 1): probing steps every 4, then, from the epoch
     that ends with every level at 1, every 8 and 16 (each costs the branch a step); a level below 1 at an

@@ -42,6 +42,14 @@ last one, so its horizon stays a share of the budget. Any level below 1 at an
 epoch's end sets the interval back. (The README example's relaxed model at 480
 steps: 1.40× to 1.09× the `fixed` branch's test error.)
 
+A long run needs no more probes than a shorter one: ``probe_every`` (null by
+default) is 4, or in runs of more than 10000 steps ⌈T / 2500⌉, so a run probes
+at most about 2500 times (a 50000-step training every 20th step). Every probing
+step costs the host a perturbed step and the branch a step, and ~1.6 plain
+steps' worth of operator calls, which bound a GPU step (BENCHMARKS.md); 2500
+probes still let a map travel 250× its limit and give the gap's EMA a horizon of
+500 probes.
+
 Probing a share of the samples on every step instead (the branch then trains on
 every step) was measured: far closer to the `fixed` branch in short plain loops,
 worse in `make demo`'s symmetric MACE fine-tune, so it is not used (BENCHMARKS.md).
@@ -131,6 +139,7 @@ What it cannot tell apart:
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -190,9 +199,13 @@ def independent_entries(inputs: torch.Tensor, outputs: torch.Tensor, otherwise: 
     return torch.where(measured, entries, torch.full_like(entries, otherwise))
 
 
+PROBE_EVERY = 4  # the probing interval of runs up to MAX_PROBES × PROBE_EVERY steps
+MAX_PROBES = 2500  # longer runs probe about this often in all (a default ``probe_every`` of ⌈T / MAX_PROBES⌉)
+
+
 class RECM(Controller):
     name = "recm"
-    defaults = {"probe_every": 4, "probe_every_saturated": None, "tau": 0.05, "horizon": 0.2, "gamma0": 1.0,
+    defaults = {"probe_every": None, "probe_every_saturated": None, "tau": 0.05, "horizon": 0.2, "gamma0": 1.0,
                 "probe_rank": 2, "warmup": 0.0, "probe_lr": 0.01, "probe_limit": 2.0, "allowance": "maps"}
     needs_probe = True
 
@@ -208,12 +221,13 @@ class RECM(Controller):
         if not self._is_integer(rank) or rank < 1:
             raise ValueError(f"equirelax: recm option 'probe_rank' must be a positive integer, got {rank!r}")
         every = self.options["probe_every"]
-        if not self._is_integer(every) or every < 2:
-            raise ValueError(f"equirelax: recm option 'probe_every' must be an integer >= 2, got {every!r}")
+        if every is not None and (not self._is_integer(every) or every < 2):
+            raise ValueError(f"equirelax: recm option 'probe_every' must be an integer >= 2 or null (4, or "
+                             f"⌈total_steps / {MAX_PROBES}⌉ in longer runs), got {every!r}")
         saturated = self.options["probe_every_saturated"]
-        if saturated is not None and (not self._is_integer(saturated) or saturated < every):
+        if saturated is not None and (not self._is_integer(saturated) or saturated < (every or PROBE_EVERY)):
             raise ValueError(f"equirelax: recm option 'probe_every_saturated' must be an integer >= probe_every "
-                             f"({every}) or null (4 × probe_every), got {saturated!r}")
+                             f"({every or PROBE_EVERY}) or null (4 × probe_every), got {saturated!r}")
         if not 0 <= self.options["gamma0"] <= 1:
             raise ValueError(f"equirelax: recm option 'gamma0' must be in [0, 1], got {self.options['gamma0']!r}")
 
@@ -239,9 +253,23 @@ class RECM(Controller):
             layer.add_state("probe_updates", torch.zeros((), dtype=torch.long), fresh_if_missing=True)
             # the probing schedule: the last probing step (-1: none yet) and the steps from it to the next
             layer.add_state("last_probe", torch.full((), -1, dtype=torch.long), fresh_if_missing=True)
-            layer.add_state("probe_interval", torch.tensor(self.options["probe_every"]), fresh_if_missing=True)
-        self.steps, self.last_probe, self.interval = 0, -1, self.options["probe_every"]
+            layer.add_state("probe_interval", torch.tensor(self.options["probe_every"] or PROBE_EVERY),
+                            fresh_if_missing=True)
+        # (a host may give the budget after relaxing: the first step's hook sets the interval from it)
+        self.steps, self.last_probe, self.interval = 0, -1, self.options["probe_every"] or PROBE_EVERY
         self._set_probing()
+
+    def probe_every(self, handle) -> int:
+        """``probe_every``, or by default PROBE_EVERY, and ⌈T / MAX_PROBES⌉ where that is larger (T the budget)."""
+        every = self.options["probe_every"]
+        if every is not None:
+            return every
+        return max(PROBE_EVERY, math.ceil(handle.require_total_steps("recm") / MAX_PROBES))
+
+    def _set_interval(self, interval: int):
+        self.interval = interval
+        for layer in self.layers.values():
+            layer.state("probe_interval").fill_(interval)
 
     def _set_probing(self):
         probing = self.steps >= self.last_probe + self.interval
@@ -251,7 +279,7 @@ class RECM(Controller):
     def rate(self, handle, interval=None) -> float:
         """The EMA rate per probing step: a horizon of ``horizon`` × the probing steps in the budget, at
         ``probe_every``; a probe ``interval`` steps after the last one weighs interval / probe_every of that."""
-        every = self.options["probe_every"]
+        every = self.probe_every(handle)
         probes = handle.require_total_steps("recm") / every
         return min(1.0, (interval or every) / every / (1.0 + self.options["horizon"] * probes))
 
@@ -291,7 +319,7 @@ class RECM(Controller):
     @hookimpl
     def equirelax_load_state_dict(self, handle, state):
         first = next(iter(self.layers.values()))
-        every = self.options["probe_every"]
+        every = self.options["probe_every"] or PROBE_EVERY  # (what checkpoints from before the schedule probed at)
         self.steps, self.last_probe = int(first.state("steps")), int(first.state("last_probe"))
         self.interval = int(first.state("probe_interval"))
         if self.last_probe < 0 and self.steps >= every:  # a checkpoint from before the schedule was saved
@@ -300,17 +328,15 @@ class RECM(Controller):
 
     @hookimpl
     def equirelax_epoch_end(self, handle, epoch):
-        """Probe every ``probe_every`` steps; while every level ends an epoch saturated at 1 (fully relaxed:
+        """Probe every ``probe_every(handle)`` steps; while every level ends an epoch saturated at 1 (fully relaxed:
         probing more would only confirm it, and each probing step costs the branch a step), the interval
         doubles per epoch up to ``probe_every_saturated`` (default 4 × ``probe_every``); any level below 1 at an
         epoch's end sets it back. Read at the epoch's end, not per step, so the step path never waits on the
         device."""
-        every = self.options["probe_every"]
-        cap = self.options["probe_every_saturated"] or 4 * every
+        every = self.probe_every(handle)
+        cap = max(self.options["probe_every_saturated"] or 4 * every, every)
         saturated = self.last_probe >= 0 and all(float(layer.gamma) == 1.0 for layer in self.layers.values())
-        self.interval = min(2 * self.interval, cap) if saturated else every
-        for layer in self.layers.values():
-            layer.state("probe_interval").fill_(self.interval)
+        self._set_interval(min(2 * self.interval, cap) if saturated else every)
         self._set_probing()
 
     def train_probes(self, finite, sizes):
@@ -349,6 +375,10 @@ class RECM(Controller):
 
     @hookimpl
     def equirelax_after_backward(self, handle, finite):
+        if self.last_probe < 0:  # before the first probe (and the optimizer's first step: a missing budget raises)
+            every = self.probe_every(handle)
+            if every != self.interval:
+                self._set_interval(every)  # (the next step's probing follows from it, after the optimizer's step)
         measured = {name: layer.probe_sums for name, layer in self.layers.items()
                     if layer.probing and layer.probe_sums is not None}
         sums = [torch.stack(values).to(torch.float64) for values in measured.values()]

@@ -33,18 +33,24 @@ def add_controllers_option(parser):
                              'e.g. \'{"recm": {"allowance": "rows"}}\'')
 
 
-def relaxed_variants(base, relax, only=None, rows=CONTROLLERS, extra=None) -> dict:
-    """``{label: (model, handle or None)}``: a deep copy of ``base`` per row of ``rows`` (``only``: just these
-    besides vanilla), relaxed by ``relax(model, controller, options)``; ``extra`` ({row label: options}) adds
-    that row again with the options added."""
+def option_rows(rows, extra: dict | None, only=None) -> list:
+    """The rows of ``rows`` that ``extra`` ({row label: options}, ``--controller-options``) names, again, with
+    those options added and labelled with them (``only``: of just these labels); a name that is no row raises."""
     known = {name: (controller, defaults) for name, controller, defaults in rows if controller}
-    rows = [row for row in rows if not row[1] or not only or row[0] in only]
+    added = []
     for label, options in (extra or {}).items():
         if label not in known:
             raise ValueError(f"--controller-options names {label!r}; the rows are {sorted(known)}")
         if not only or label in only:
             controller, defaults = known[label]
-            rows.append((f"{label} {json.dumps(options)}", controller, {**defaults, **options}))
+            added.append((f"{label} {json.dumps(options)}", controller, {**defaults, **options}))
+    return added
+
+
+def relaxed_variants(base, relax, only=None, rows=CONTROLLERS, extra=None) -> dict:
+    """``{label: (model, handle or None)}``: a deep copy of ``base`` per row of ``rows`` (``only``: just these
+    besides vanilla), relaxed by ``relax(model, controller, options)``; ``extra`` adds rows (``option_rows``)."""
+    rows = [row for row in rows if not row[1] or not only or row[0] in only] + option_rows(rows, extra, only)
     variants = {}
     for label, controller, options in rows:
         model = copy.deepcopy(base)

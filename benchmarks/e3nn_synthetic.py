@@ -33,7 +33,7 @@ import torch
 import equirelax
 from equirelax.core._e3nn import o3
 from equirelax.datasets.synthetic import gated_e3nn_model, make_task
-from _timing import TIMING_BUDGET, device_sync, relaxed_variants  # benchmarks/ is on sys.path as a script
+from _timing import TIMING_BUDGET, device_sync, option_rows, relaxed_variants  # benchmarks/ is on sys.path
 
 
 CONTROLLERS = [
@@ -87,12 +87,8 @@ def accuracy(args):
         print(f"\n## {kind} data: test MSE (mean ± std over seeds)\n")
         print("| model | relaxed | exported (merged, equivariant) | final γ per layer | exported eq. error |")
         print("|---|---|---|---|---|")
-        extra = [(f"{label} {json.dumps(options)}", controller, {**defaults, **options})
-                 for label, controller, defaults in CONTROLLERS for name, options in args.controller_options.items()
-                 if label == name]
-        for label, controller, options in CONTROLLERS + extra:
-            if args.runs and label.split(" {")[0] not in args.runs:
-                continue
+        rows = [row for row in CONTROLLERS if not args.runs or row[0] in args.runs]
+        for label, controller, options in rows + option_rows(CONTROLLERS, args.controller_options, args.runs):
             rows = [run_accuracy(kind, label, controller, options, args.steps, seed) for seed in range(args.seeds)]
 
             def fmt(key):

@@ -66,7 +66,8 @@ class RelaxedLayer(nn.Module):
         self.probing = False  # a RECM probing step: the probe weight stands in for the branch (set by RECM)
         # last probe: (⟨P⊥V_a x, P⊥V_b x⟩, ‖P⊥(V_a − V_b)x‖²/2, ‖f_eq(x)‖², ‖P⊥V_a x‖², ‖P⊥V_b x‖²)
         self.probe_sums: tuple | None = None
-        self.probe_rows: tuple | None = None  # last probe: its input rows x and output rows f_eq(x)
+        self.probe_rows: tuple | None = None  # last probe: its input rows x and output rows f_eq(x), if recorded
+        self.record_probe_rows = False  # set by RECM where its allowance reads the rows
         self.probe_leaves: tuple | None = None  # (A, B) leaves of the last probing step, for RECM's update
         # which probe map learns from each row's sample (True: V_b): candidates (per node, per edge) set per
         # probing step by RECM's SampleSplit, the one matching the layer's rows used
@@ -269,7 +270,8 @@ class RelaxedLayer(nn.Module):
             first, second = first.detach(), second.detach()
             self.probe_sums = ((first * second).sum(), (first - second).pow(2).sum() / 2, out.detach().pow(2).sum(),
                                first.pow(2).sum(), second.pow(2).sum())
-            self.probe_rows = (rows.detach(), out.detach().reshape(-1, out.shape[-1]))
+            if self.__dict__.get("record_probe_rows"):  # (layers saved before the flag existed lack it)
+                self.probe_rows = (rows.detach(), out.detach().reshape(-1, out.shape[-1]))
         if kept is not None:
             correction = correction + self.gamma.detach().to(x.dtype) * kept
         return out + correction.reshape(*x.shape[:-1], -1)

@@ -246,7 +246,8 @@ class RECM(Controller):
                 for moment in ("m", "v"):  # (checkpoints written while the maps were host parameters lack them)
                     layer.add_state(f"probe_{moment}{key}", torch.zeros_like(weight, dtype=torch.float64),
                                     fresh_if_missing=True)
-            if self.options["allowance"] == "rows":  # the rows' second moments on probing steps, sketched
+            layer.record_probe_rows = self.options["allowance"] == "rows"
+            if layer.record_probe_rows:  # the rows' second moments on probing steps, sketched
                 for key, dim in (("input", layer.probe_A.shape[-1]), ("output", layer.probe_B.shape[-2])):
                     layer.add_state(f"{key}_moment", torch.zeros(dim, min(dim, SKETCH_COLUMNS), dtype=torch.float64),
                                     fresh_if_missing=True)

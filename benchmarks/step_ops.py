@@ -7,7 +7,8 @@ controller's cost there follows the number of operators it adds (BENCHMARKS.md, 
 time on a GPU"). This counts them on the CPU, where the count is the same: leaf ``aten::`` calls
 (no sub-calls; views included, as each is a dispatch) per step under torch.profiler, split into
 the relaxed layers' forwards, the controller's hooks, and the rest (the host's forward, backward
-and Adam). Same model and batch as ``mace_speed.py``; every controller at its defaults.
+and Adam); and the ops among them that compute (no view, allocation or composite: on a GPU each is
+one kernel launch). Same model and batch as ``mace_speed.py``; every controller at its defaults.
 """
 
 from __future__ import annotations
@@ -37,19 +38,41 @@ def label_phases():
         setattr(cls, method, labelled)
 
 
-def count_ops(step) -> collections.Counter:
-    """Leaf aten calls of one ``step()``, by the phase range around them ("host" outside every range)."""
+# ops that launch no kernel of their own: views, allocations, metadata, and composites whose work (if any) is a
+# computing op below them
+NO_KERNEL = {f"aten::{name}" for name in (
+    "as_strided view _unsafe_view _reshape_alias reshape flatten unflatten view_as expand expand_as t numpy_T mT "
+    "transpose permute movedim slice select narrow diagonal unsqueeze squeeze unbind split split_with_sizes chunk "
+    "alias detach lift_fresh empty empty_like empty_strided new_empty resolve_conj resolve_neg result_type to "
+    "_to_copy contiguous clone stack zeros zeros_like new_zeros full full_like new_full ones_like linear einsum "
+    "matmul tensordot sum_to_size set_ as_strided_ squeeze_ unsqueeze_").split()}
+
+
+def _launches(event) -> bool:
+    """Whether ``event`` is a computing op with no computing op below it: one kernel launch on a GPU."""
+    return (event.name.startswith("aten::") and event.name not in NO_KERNEL
+            and not any(_computes_below(child) for child in event.cpu_children))
+
+
+def _computes_below(event) -> bool:
+    return _launches(event) or any(_computes_below(child) for child in event.cpu_children)
+
+
+def count_ops(step) -> tuple[collections.Counter, int]:
+    """Leaf aten calls of one ``step()``, by the phase range around them ("host" outside every range), and the
+    number of ops that compute (``_launches``: on a GPU, the kernel launches of the step)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    counts = collections.Counter()
+    counts, launches = collections.Counter(), 0
     for event in prof.events():
+        launches += _launches(event)
         if not event.name.startswith("aten::") or event.cpu_children:
             continue
         parent = event.cpu_parent
         while parent is not None and not parent.name.startswith("phase:"):
             parent = parent.cpu_parent
         counts[parent.name[len("phase:"):] if parent else "host"] += 1
-    return counts
+    return counts, launches
 
 
 def main():
@@ -68,26 +91,29 @@ def main():
     label_phases()
     print(f"# MACE (64x0e + 64x1o), {args.branch} branch, batch of 8 clusters, leaf aten calls per step, "
           f"mean of {args.steps} steps (min / max over them)\n")
-    print("| model | per step | / vanilla | / fixed | relaxed layers' forwards | after_backward | after_step | host |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | per step | / vanilla | / fixed | relaxed layers' forwards | after_backward | after_step | host "
+          "| computing ops (kernels) | / fixed |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     def loss(model):
         out = model(batch, training=True, compute_force=True)
         return ((out["energy"] - batch["energy"]) ** 2).mean() + ((out["forces"] - batch["forces"]) ** 2).mean()
 
-    means = {}
+    means, kernel_means = {}, {}
     for label, (model, handle) in variants.items():
         step = training_step(model, handle, loss)
         for _ in range(6):
             step()
-        steps = [count_ops(step) for _ in range(args.steps)]
+        counted = [count_ops(step) for _ in range(args.steps)]
+        steps = [counts for counts, _ in counted]
         totals = [sum(c.values()) for c in steps]
         mean = means[label] = sum(totals) / len(totals)
+        kernels = kernel_means[label] = sum(launches for _, launches in counted) / len(counted)
         over_fixed = f"{mean / means['fixed']:.3f}" if "fixed" in means else "-"
+        kernels_over_fixed = f"{kernels / kernel_means['fixed']:.3f}" if "fixed" in kernel_means else "-"
         parts = [sum(c[phase] for c in steps) / len(steps)
                  for phase in ("layers", "after_backward", "after_step", "host")]
         print(f"| {label} | {mean:.0f} ({min(totals)} / {max(totals)}) | {mean / means['vanilla']:.3f} | {over_fixed} | "
-              + " | ".join(f"{p:.0f}" for p in parts) + " |")
-
+              + " | ".join(f"{p:.0f}" for p in parts) + f" | {kernels:.0f} | {kernels_over_fixed} |")
 
 if __name__ == "__main__":
     main()

@@ -118,57 +118,68 @@ def so3_generators(irreps) -> torch.Tensor:
 
 
 class GeneratorAction:
-    """Applies the three so(3) generators of ``irreps`` to row vectors, block by block.
+    """Applies the three so(3) generators of ``irreps`` to matrices and row vectors.
 
-    Equivalent to ``einsum("kij,nj->kni", so3_generators(irreps), x)`` at the cost
-    of one small matmul per irrep type instead of a dense ``[3, dim, dim]`` product.
+    Equivalent to ``einsum("kij,nj->kni", so3_generators(irreps), x)``, but every copy of one
+    irrep type l is gathered and acted on in one product: a few ops per distinct l, never a
+    dense ``[3, dim, dim]`` product (a small GPU step is bound by its kernel launches).
     """
 
     def __init__(self, irreps):
         self.irreps = as_irreps(irreps)
-        self.blocks = []  # (start, mul, l) per irreps entry
+        self.dim = self.irreps.dim
+        columns: dict = {}  # l -> the columns of its copies, each copy's 2l+1 in a row
         offset = 0
         for mul, ir in self.irreps:
-            self.blocks.append((offset, mul, ir.l))
+            if ir.l > 0:
+                columns.setdefault(ir.l, []).extend(range(offset, offset + mul * ir.dim))
             offset += mul * ir.dim
         # built here, not in the training step (building reads values on the host)
-        self._float64 = {l: so3_generators(f"1x{l}e") for _, _, l in self.blocks}
+        self._groups = []
+        for l, index in sorted(columns.items()):
+            G, d = so3_generators(f"1x{l}e"), 2 * l + 1
+            # [d, 3d] [G_1 | G_2 | G_3] and [G_1ᵀ | G_2ᵀ | G_3ᵀ] act; [3d, d] [G_1; G_2; G_3] and its ᵀ contract
+            self._groups.append((torch.tensor(index), d, {
+                (False, "act"): G.permute(1, 0, 2).reshape(d, 3 * d),
+                (True, "act"): G.transpose(1, 2).permute(1, 0, 2).reshape(d, 3 * d),
+                (False, "contract"): G.reshape(3 * d, d), (True, "contract"): G.transpose(1, 2).reshape(3 * d, d)}))
         self._cache = {}
 
-    def _generator(self, l, dtype, device):
-        key = (l, dtype, device)
+    def _on(self, dtype, device):
+        key = (dtype, device)
         if key not in self._cache:
-            self._cache[key] = to_device_async(self._float64[l], device, dtype)
+            self._cache[key] = [(to_device_async(index, device), d,
+                                 {k: to_device_async(G, device, dtype) for k, G in stacked.items()})
+                                for index, d, stacked in self._groups]
         return self._cache[key]
+
+    def _act(self, M: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """``[3, m, dim]``: ``M @ A_k`` (``M @ A_kᵀ`` if ``transposed``) for ``M`` [m, dim]."""
+        m = M.shape[0]
+        out = M.new_zeros(3, m, self.dim)
+        for index, d, stacked in self._on(M.dtype, M.device):
+            block = M.index_select(1, index).reshape(-1, d) @ stacked[transposed, "act"]  # [m·copies, 3d]
+            out.index_copy_(2, index, block.reshape(m, -1, 3, d).permute(2, 0, 1, 3).reshape(3, m, -1))
+        return out
+
+    def contract(self, M: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """``Σ_k M_k @ A_k`` (``A_kᵀ`` if ``transposed``) for ``M`` [3, m, dim]: ``[m, dim]``, the adjoint of
+        ``right`` (of the rows' action if ``transposed``), for gradients taken by hand."""
+        m = M.shape[1]
+        out = M.new_zeros(m, self.dim)
+        for index, d, stacked in self._on(M.dtype, M.device):
+            block = M.index_select(2, index).reshape(3, m, -1, d).permute(1, 2, 0, 3).reshape(-1, 3 * d)
+            out.index_copy_(1, index, (block @ stacked[transposed, "contract"]).reshape(m, -1))
+        return out
 
     def left(self, M: torch.Tensor) -> torch.Tensor:
         """``A_k @ M`` for a matrix ``M`` whose rows are indexed by these irreps: ``[3, dim, m]``."""
-        m = M.shape[1]
-        parts = []
-        for start, mul, l in self.blocks:
-            d = 2 * l + 1
-            if l == 0:
-                parts.append(M.new_zeros(3, mul * d, m))
-                continue
-            block = M[start : start + mul * d].reshape(mul, d, m)
-            A = self._generator(l, M.dtype, M.device)
-            parts.append(torch.einsum("kij,ujm->kuim", A, block).reshape(3, mul * d, m))
-        return torch.cat(parts, dim=1)
+        return self._act(M.T, transposed=True).transpose(1, 2)
 
     def right(self, M: torch.Tensor) -> torch.Tensor:
         """``M @ A_k`` for a matrix ``M`` whose columns are indexed by these irreps: ``[3, m, dim]``."""
-        m = M.shape[0]
-        parts = []
-        for start, mul, l in self.blocks:
-            d = 2 * l + 1
-            if l == 0:
-                parts.append(M.new_zeros(3, m, mul * d))
-                continue
-            block = M[:, start : start + mul * d].reshape(m, mul, d)
-            A = self._generator(l, M.dtype, M.device)
-            parts.append(torch.einsum("mui,kij->kmuj", block, A).reshape(3, m, mul * d))
-        return torch.cat(parts, dim=2)
+        return self._act(M, transposed=False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``A_k x_n`` for every row ``x_n`` of ``x``: ``[3, n, dim]``."""
-        return self.left(x.T).transpose(1, 2)
+        return self._act(x, transposed=True)

@@ -193,55 +193,64 @@ class ACE(Controller):
         tapped = [name for name, layer in layers.items() if layer.__dict__.get("tapped")]
         grads = {name: self._task_gradient(layer, self.readers.get(name)) for name, layer in layers.items()}
         grads = {name: g for name, g in grads.items() if g is not None}
+        if not grads:
+            return
         tapped = [name for name in tapped if name in grads]
         if tapped:  # a tapped ∂J/∂W is this rank's own (a parameter's gradient is averaged already)
             values = [torch.stack([grads[name].reshape(()) for name in tapped])]
             all_reduce_(values)
             grads.update(zip(tapped, values[0].unbind()))
-        for name, grad in grads.items():
-            layer = layers[name]
-            g = -grad.reshape(()) * torch.sign(layer.gamma.detach())  # > 0: the task wants |γ| larger
-            for key, value in (("grad_mean", g), ("grad_sq", g * g), ("grad_weight", torch.ones_like(g))):
-                state = layer.state(key)
-                state.copy_(self.keep_if(finite, (1 - rate) * state + rate * value, state))
+        names = list(grads)
+        gammas = torch.stack([layers[name].gamma.detach().reshape(()) for name in names])
+        g = -torch.stack([grads[name].reshape(()) for name in names]) * torch.sign(gammas)  # > 0: |γ| should grow
+        for key, value in (("grad_mean", g), ("grad_sq", g * g), ("grad_weight", torch.ones_like(g))):
+            state = self.stacked(key, names)
+            self.write_back(key, self.keep_if(finite, (1 - rate) * state + rate * value, state), names)
 
-    def consistency(self, layer, rate) -> torch.Tensor:
-        """κ ∈ [0, 1]: the EMA mean of the outward task gradient over its RMS, less the noise an EMA keeps."""
-        weight = layer.state("grad_weight").clamp(min=1e-12)
-        mean, sq = layer.state("grad_mean") / weight, layer.state("grad_sq") / weight
+    @staticmethod
+    def consistency(weight, mean_sum, square_sum, rate) -> torch.Tensor:
+        """κ ∈ [0, 1] per layer from the stacked EMA states ``grad_weight``, ``grad_mean`` and ``grad_sq``: the EMA
+        mean of the outward task gradient over its RMS, less the noise an EMA keeps."""
+        weight = weight.clamp(min=1e-12)
+        mean, sq = mean_sum / weight, square_sum / weight
         noise = rate / (2 - rate)  # variance fraction an EMA of i.i.d. zero-mean terms keeps
         excess = torch.clamp(mean.abs().pow(2) - noise * sq, min=0) * (mean > 0)
         return torch.sqrt(excess / sq.clamp(min=torch.finfo(sq.dtype).tiny)).clamp(max=1.0)
 
     def _budget_step(self, handle, finite):
         r2, k_i, rate = self._gains(handle)
-        plans = self.plans
-        with torch.no_grad():
-            for name, layer in self.layers.items():
-                gamma, lam = layer.gamma, layer.state("lambda")
-                if self.resilient:
-                    slack = layer.state("slack")
-                    slack.copy_(self.keep_if(finite, torch.clamp(self.consistency(layer, rate) / self.options["rho"],
-                                                                 max=1.0), slack))
-                    z = gamma.abs() - slack
-                    new_lam = torch.clamp(lam + k_i * z, min=0)
-                    new_z = torch.where(z > 0, r2 * (z - new_lam), z - new_lam)
-                    new_gamma = torch.sign(gamma) * torch.clamp(slack + new_z, min=0)
-                else:
-                    new_lam = lam + k_i * gamma
-                    new_gamma = r2 * (gamma - new_lam)
-                lam.copy_(self.keep_if(finite, new_lam, lam))
-                new_gamma = self.keep_if(finite, new_gamma.to(gamma.dtype), gamma)
-                plan = plans[name]
+        with torch.no_grad():  # every layer at once
+            gamma = torch.stack([layer.gamma.detach().reshape(()) for layer in self.layers.values()])
+            lam = self.stacked("lambda")
+            if self.resilient:
+                kappa = self.consistency(self.stacked("grad_weight"), self.stacked("grad_mean"),
+                                         self.stacked("grad_sq"), rate)
+                old_slack = self.stacked("slack")
+                slack = self.keep_if(finite, torch.clamp(kappa / self.options["rho"], max=1.0), old_slack)
+                self.write_back("slack", slack)
+                z = gamma.abs() - slack
+                new_lam = torch.clamp(lam + k_i * z, min=0)
+                new_z = torch.where(z > 0, r2 * (z - new_lam), z - new_lam)
+                new_gamma = torch.sign(gamma) * torch.clamp(slack + new_z, min=0)
+            else:
+                new_lam = lam + k_i * gamma
+                new_gamma = r2 * (gamma - new_lam)
+            self.write_back("lambda", self.keep_if(finite, new_lam, lam))
+            new_gamma = self.keep_if(finite, new_gamma.to(gamma.dtype), gamma)
+            given_up = gamma - new_gamma
+            for index, (name, layer) in enumerate(self.layers.items()):
+                plan = self.plans[name]
                 if plan is not None:  # the equivariant part of what γ gives up moves into the host layer
                     branch = layer.branch
                     if isinstance(branch, LowRankBranch) and hasattr(plan, "add_coefficients"):  # (not forming B·A)
                         plan.add_coefficients(layer.projector.lowrank_coefficients(
-                            (gamma - new_gamma) * branch.B.detach(), branch.A.detach()))
+                            given_up[index] * branch.B.detach(), branch.A.detach()))
                     else:
                         kept = layer.equivariant_weight(branch.weight.detach())[:, : layer.feature_dim]
-                        plan((gamma - new_gamma) * kept)
-                gamma.copy_(new_gamma)
+                        plan(given_up[index] * kept)
+            torch._foreach_copy_([layer.gamma for layer in self.layers.values()],
+                                 [value.reshape(layer.gamma.shape) for value, layer in
+                                  zip(new_gamma.unbind(), self.layers.values())])
 
     # ------------------------------------------------------------------- hooks
     @hookimpl

@@ -71,3 +71,12 @@ class Controller:
     def keep_if(finite: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         """Sync-free skip of a non-finite step."""
         return torch.where(finite, new, old)
+
+    def stacked(self, key: str, names=None) -> torch.Tensor:
+        """The scalar state ``key`` of the layers ``names`` (default: all) as one tensor: a controller's per-layer
+        arithmetic then runs once for every layer (a small GPU step is bound by its kernel launches)."""
+        return torch.stack([self.layers[name].state(key) for name in (names or self.layers)])
+
+    def write_back(self, key: str, values: torch.Tensor, names=None):
+        """Inverse of ``stacked``: each layer's state ``key`` set from ``values`` (one fused copy on a GPU)."""
+        torch._foreach_copy_([self.layers[name].state(key) for name in (names or self.layers)], list(values.unbind()))

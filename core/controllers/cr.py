@@ -59,6 +59,23 @@ def _action(A):
     return lambda v: torch.einsum("kij,nj->kni", A.to(dtype=v.dtype, device=v.device), v)
 
 
+def _route(branch: nn.Module, x: torch.Tensor, A_in, A_out) -> str:
+    """How LD and N are computed: "rank" (``_lowrank_terms``), "closed" (tr(M C Mᵀ) with the dense W) or "rows"."""
+    n = max(x.shape[0], 1)
+    d_in, d_out = x.shape[-1], getattr(branch, "dim_out", x.shape[-1])
+    if not (isinstance(A_in, GeneratorAction) and isinstance(A_out, GeneratorAction)):
+        return "rows"
+    closed_form_flops = d_in * d_in * (n + 6 * d_out)
+    if isinstance(branch, LowRankBranch):
+        columns = 4 * branch.rank  # of the rows' products in the rank route
+        # through the rank unless the dense closed form is nearly as cheap: the rank route's few extra
+        # small ops cost what ~4× fewer FLOPs save on the smallest maps (e3nn_synthetic.py speed)
+        if closed_form_flops > 4 * n * columns * (d_in + columns):
+            return "rank"
+    closed_form_cheaper = closed_form_flops < 9 * n * d_out * d_in  # rough FLOP counts of the two routes
+    return "closed" if isinstance(branch, LINEAR_KINDS) and closed_form_cheaper else "rows"
+
+
 def lie_derivative_terms(branch: nn.Module, x: torch.Tensor, A_in, A_out):
     """``(LD, N)`` averaged over the rows of ``x``.
 
@@ -70,22 +87,11 @@ def lie_derivative_terms(branch: nn.Module, x: torch.Tensor, A_in, A_out):
     """
     x = x.reshape(-1, x.shape[-1])
     n = max(x.shape[0], 1)
-    d_in, d_out = x.shape[-1], getattr(branch, "dim_out", x.shape[-1])
-    generators = isinstance(A_in, GeneratorAction) and isinstance(A_out, GeneratorAction)
-    closed_form_flops = d_in * d_in * (n + 6 * d_out)
-    if isinstance(branch, LowRankBranch) and generators:
-        columns = 4 * branch.rank  # of the rows' products in the rank route
-        # through the rank unless the dense closed form is nearly as cheap: the rank route's few extra
-        # small ops cost what ~4× fewer FLOPs save on the smallest maps (e3nn_synthetic.py speed)
-        if closed_form_flops > 4 * n * columns * (d_in + columns):
-            return _lowrank_lie_derivative_terms(branch, x, A_in, A_out)
-    closed_form_cheaper = closed_form_flops < 9 * n * d_out * d_in  # rough FLOP counts of the two routes
-    if isinstance(branch, LINEAR_KINDS) and generators and closed_form_cheaper:
-        # closed form: mean_n ‖M x_n‖² = tr(M C Mᵀ) with C = XᵀX/n and M_k = W A_k − A_k W
-        C = x.T @ x / n
-        W = branch.weight
-        M = A_in.right(W) - A_out.left(W)
-        return (M @ C * M).sum(), (W @ C * W).sum()
+    route = _route(branch, x, A_in, A_out)
+    if route == "rank":
+        return _lowrank_lie_derivative_terms(branch, x, A_in, A_out)
+    if route == "closed":
+        return _closed_terms(branch.weight, x, A_in, A_out)[:2]
     Ax = _action(A_in)(x)
     fx = branch(x)
     if isinstance(branch, LINEAR_KINDS):
@@ -100,8 +106,20 @@ def lie_derivative_terms(branch: nn.Module, x: torch.Tensor, A_in, A_out):
     return lie, norm
 
 
+def _closed_terms(W: torch.Tensor, x: torch.Tensor, A_in: GeneratorAction, A_out: GeneratorAction):
+    """``(LD, N, M, C)``: mean_n ‖M_k x_n‖² = tr(M_k C M_kᵀ), C = XᵀX/n and M_k = W A_k − A_k W."""
+    C = x.T @ x / max(x.shape[0], 1)
+    M = A_in.right(W) - A_out.left(W)
+    return (M @ C * M).sum(), (W @ C * W).sum(), M, C
+
+
 def _lowrank_lie_derivative_terms(branch, x: torch.Tensor, A_in: GeneratorAction, A_out: GeneratorAction):
-    """``(LD, N)`` of W = B·A through its rank r, never forming W or acting on the rows' features.
+    """``(LD, N)`` of W = B·A through its rank r, never forming W or acting on the rows' features."""
+    return _lowrank_terms(branch.A, branch.B, x, A_in, A_out)[:2]
+
+
+def _lowrank_terms(A, B, x: torch.Tensor, A_in: GeneratorAction, A_out: GeneratorAction):
+    """``(LD, N, parts)`` of W = B·A through its rank r; ``parts`` are what ``_lowrank_gradients`` reuses.
 
     Row n's Lie derivative is M_k x_n with M_k = W A_k − A_k W = B (A A_k) − (A_k B) A, so with the rows'
     r × r second moments S_k = mean_n (A A_k x_n)(A A_k x_n)ᵀ, C_k = mean_n (A A_k x_n)(A x_n)ᵀ and
@@ -110,16 +128,84 @@ def _lowrank_lie_derivative_terms(branch, x: torch.Tensor, A_in: GeneratorAction
     batched ops. The dense closed form costs d_out·d_in² per generator, the row-wise one the generators
     acting on every row.
     """
-    A, B = branch.A, branch.B
     r, n = A.shape[0], max(x.shape[0], 1)
     z = x @ torch.cat([A_in.right(A).reshape(3 * r, -1), A]).T  # rows of [A A_1; A A_2; A A_3; A] x: [n, 4r]
     moments = z.T @ z / n
     S = moments[:3 * r, :3 * r].reshape(3, r, 3, r).diagonal(dim1=0, dim2=2).sum(-1)  # Σ_k S_k
     C, P = moments[:3 * r, 3 * r:].reshape(3, r, r), moments[3 * r:, 3 * r:]
     AB = A_out.left(B)  # A_k B: [3, d_out, r]
-    gram, stacked = B.T @ B, AB.reshape(-1, r)
-    lie = (S * gram).sum() - 2 * (C * (B.T @ AB)).sum() + (P * (stacked.T @ stacked)).sum()
-    return lie, (P * gram).sum()
+    gram, cross, stacked = B.T @ B, B.T @ AB, AB.reshape(-1, r)
+    turned = stacked.T @ stacked  # Σ_k (A_k B)ᵀ(A_k B)
+    lie = (S * gram).sum() - 2 * (C * cross).sum() + (P * turned).sum()
+    return lie, (P * gram).sum(), (z, S, C, P, AB, gram, cross, turned)
+
+
+def _lowrank_gradients(A, B, x, A_in, A_out, parts, alpha, beta):
+    """``(∂/∂A, ∂/∂B)`` of α·LD + β·N from ``_lowrank_terms``'s parts, by hand: the chain rule through the
+    moments (∂/∂z = z (D + Dᵀ)/n, D the gradient on the moments), A A_k and A_k B (the generators' adjoints)."""
+    z, S, C, P, AB, gram, cross, turned = parts
+    r, n = A.shape[0], max(x.shape[0], 1)
+    d_moments = z.new_zeros(4, r, 4, r)
+    d_moments[:3, :, :3].diagonal(dim1=0, dim2=2).copy_((alpha * gram).unsqueeze(-1))  # S = Σ_k S_k
+    d_moments[:3, :, 3] = -2 * alpha * cross  # C_k
+    d_moments[3, :, 3] = alpha * turned + beta * gram  # P
+    d_moments = d_moments.reshape(4 * r, 4 * r)
+    d_rows = (x.T @ (z @ (d_moments + d_moments.T) / n)).T  # ∂/∂[A A_1; A A_2; A A_3; A]: [4r, d_in]
+    d_A = d_rows[3 * r:] + A_in.contract(d_rows[:3 * r].reshape(3, r, -1), transposed=True)
+    d_AB = -2 * alpha * (B @ C) + 2 * alpha * (AB @ P)  # [3, d_out, r]
+    d_B = (2 * B @ (alpha * S + beta * P) - 2 * alpha * (AB @ C.transpose(1, 2)).sum(0)
+           + A_out.contract(d_AB.transpose(1, 2)).T)
+    return d_A, d_B
+
+
+def lie_derivative_terms_and_gradients(branch: nn.Module, x: torch.Tensor, A_in, A_out):
+    """``(LD, N, gradients)`` of ``lie_derivative_terms``, detached; ``gradients(α, β)`` gives
+    ``{parameter: ∂(α·LD + β·N)/∂parameter}`` over the branch's trainable parameters. On the rank and
+    closed-form routes the gradients are taken by hand from the forward's parts, with no autograd graph (fewer
+    and larger ops: a small GPU step is bound by its kernel launches); on the row-wise route by autograd."""
+    x = x.reshape(-1, x.shape[-1])
+    params = [p for p in branch.parameters() if p.requires_grad]
+    route = _route(branch, x, A_in, A_out)
+    if route == "rows":
+        with torch.enable_grad():
+            lie, norm = lie_derivative_terms(branch, x, A_in, A_out)
+
+        def gradients(alpha, beta):
+            # LD is a constant 0 on layers whose irreps the generators do not act on (all scalars)
+            total = sum(c * t for t, c in ((lie, alpha), (norm, beta)) if t.requires_grad and not _is_zero(c))
+            grads = (torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
+                     if torch.is_tensor(total) else [None] * len(params))
+            return {p: torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)}
+
+        return lie.detach(), norm.detach(), gradients
+    with torch.no_grad():
+        if route == "rank":
+            A, B = branch.A.detach(), branch.B.detach()
+            lie, norm, parts = _lowrank_terms(A, B, x, A_in, A_out)
+
+            def gradients(alpha, beta):
+                with torch.no_grad():
+                    d_A, d_B = _lowrank_gradients(A, B, x, A_in, A_out, parts, alpha, beta)
+                return {p: g for p, g in ((branch.A, d_A), (branch.B, d_B)) if p.requires_grad}
+        else:
+            W = branch.weight.detach()
+            lie, norm, M, C = _closed_terms(W, x, A_in, A_out)
+
+            def gradients(alpha, beta):
+                with torch.no_grad():  # ∂/∂W: 2 Σ_k (M_k C A_kᵀ − A_kᵀ M_k C) α + 2 W C β
+                    MC = 2 * alpha * (M @ C)
+                    d_W = (A_in.contract(MC, transposed=True) - A_out.contract(MC.transpose(1, 2)).T
+                           + 2 * beta * (W @ C))
+                    if isinstance(branch, LowRankBranch):
+                        pairs = ((branch.A, branch.B.detach().T @ d_W), (branch.B, d_W @ branch.A.detach().T))
+                    else:
+                        pairs = ((branch.weight, d_W),)
+                return {p: g for p, g in pairs if p.requires_grad}
+    return lie, norm, gradients
+
+
+def _is_zero(c) -> bool:
+    return not torch.is_tensor(c) and c == 0
 
 
 class CR(Controller):
@@ -160,24 +246,12 @@ class CR(Controller):
         self.last_regulariser = None
 
     def _inputs(self) -> dict:
-        return {name: torch.cat([c.reshape(-1, c.shape[-1]) for c in layer.cached_inputs])
-                for name, layer in self.layers.items() if layer.cached_inputs}
-
-    def regulariser(self, inputs: dict | None = None) -> torch.Tensor | None:
-        """The regulariser on the inputs cached during this step's forward (see the module docstring)."""
-        eps = self.options["eps"]
-        terms = []
-        for name, x in (self._inputs() if inputs is None else inputs).items():
-            A_in, A_out = self.generators[name]
-            lie, norm = lie_derivative_terms(self.layers[name].branch, x, A_in, A_out)
-            terms.append((lie, norm, x.shape[0]))
-        if not terms:
-            return None
-        if self.options["regulariser"] == "reference":
-            lie_sum = sum(lie * rows for lie, _, rows in terms)
-            norm_sum = sum(norm * rows for _, norm, rows in terms)
-            return self.options["reg_weight"] * (torch.sqrt(lie_sum + eps) + torch.sqrt(norm_sum + eps))
-        return self.options["reg_weight"] * sum(torch.sqrt(lie + eps) + torch.sqrt(norm + eps) for lie, norm, _ in terms)
+        inputs = {}
+        for name, layer in self.layers.items():
+            if layer.cached_inputs:
+                rows = [c.reshape(-1, c.shape[-1]) for c in layer.cached_inputs]
+                inputs[name] = rows[0] if len(rows) == 1 else torch.cat(rows)  # (a cat of one tensor copies it)
+        return inputs
 
     def _regulariser_gradients(self):
         """``(value, {param: grad})`` of the regulariser on this step's inputs.
@@ -188,33 +262,37 @@ class CR(Controller):
         a single process would compute on the whole batch.
         """
         eps, weight = self.options["eps"], self.options["reg_weight"]
+        reference = self.options["regulariser"] == "reference"
         inputs = self._inputs()
         if not inputs:
             return None, {}
-        if world_size() == 1:
-            with torch.enable_grad():
-                reg = self.regulariser(inputs)
-                params = [p for name in inputs for p in self.layers[name].branch.parameters() if p.requires_grad]
-                grads = torch.autograd.grad(reg, params, allow_unused=True)
-            return reg.detach(), {p: g for p, g in zip(params, grads) if g is not None}
+        terms = {name: (*lie_derivative_terms_and_gradients(self.layers[name].branch, x, *self.generators[name]),
+                        x.shape[0]) for name, x in inputs.items()}
+        if world_size() == 1:  # the chain rule's factors first, then each layer's gradients once
+            if reference:  # one root per term over every layer's row sums
+                lie_root = torch.sqrt(sum(lie * rows for lie, _, _, rows in terms.values()) + eps)
+                norm_root = torch.sqrt(sum(norm * rows for _, norm, _, rows in terms.values()) + eps)
+                value = weight * (lie_root + norm_root)
+                factors = {name: (weight * rows / (2 * lie_root), weight * rows / (2 * norm_root))
+                           for name, (_, _, _, rows) in terms.items()}
+            else:
+                roots = {name: (torch.sqrt(lie + eps), torch.sqrt(norm + eps))
+                         for name, (lie, norm, _, _) in terms.items()}
+                value = weight * sum(lie_root + norm_root for lie_root, norm_root in roots.values())
+                factors = {name: (weight / (2 * lie_root), weight / (2 * norm_root))
+                           for name, (lie_root, norm_root) in roots.items()}
+            result = {}
+            for name, (_, _, gradients, _) in terms.items():
+                result.update(gradients(*factors[name]))
+            return value, result
         sums, grads, params = [], [], []
-        with torch.enable_grad():
-            for name, x in inputs.items():
-                branch = self.layers[name].branch
-                layer_params = [p for p in branch.parameters() if p.requires_grad]
-                A_in, A_out = self.generators[name]
-                lie, norm = lie_derivative_terms(branch, x, A_in, A_out)
-                rows = x.shape[0]
-                for term in (lie * rows, norm * rows):
-                    # LD is a constant 0 on layers whose irreps the generators do not act on (all scalars)
-                    term_grads = (torch.autograd.grad(term, layer_params, retain_graph=True, allow_unused=True)
-                                  if term.requires_grad else [None] * len(layer_params))
-                    grads += [torch.zeros_like(p) if g is None else g for p, g in zip(layer_params, term_grads)]
-                    sums.append(term.detach().reshape(1))
-                sums.append(torch.full((1,), float(rows), dtype=lie.dtype, device=lie.device))
-                params.append(layer_params)
+        for name, (lie, norm, gradients, rows) in terms.items():
+            lie_grads, norm_grads = gradients(rows, 0), gradients(0, rows)  # of the row sums
+            params.append(list(lie_grads))
+            grads += [*lie_grads.values(), *(norm_grads[p] for p in lie_grads)]
+            sums += [(lie * rows).reshape(1), (norm * rows).reshape(1),
+                     torch.full((1,), float(rows), dtype=lie.dtype, device=lie.device)]
         all_reduce_([*sums, *grads], average=False)
-        reference = self.options["regulariser"] == "reference"
         if reference:  # one root per term over every layer's row sums
             lie_root = torch.sqrt(sum(sums[3 * i][0] for i in range(len(params))) + eps)
             norm_root = torch.sqrt(sum(sums[3 * i + 1][0] for i in range(len(params))) + eps)
@@ -244,7 +322,7 @@ class CR(Controller):
         if value is None:
             return
         for p, g in grads.items():
-            g = torch.where(finite, g, torch.zeros_like(g))
+            g = torch.where(finite, g, 0.0)
             p.grad = g if p.grad is None else p.grad + g
         self.last_regulariser = value
 

@@ -258,6 +258,7 @@ class RECM(Controller):
                             fresh_if_missing=True)
         # (a host may give the budget after relaxing: the first step's hook sets the interval from it)
         self.steps, self.last_probe, self.interval = 0, -1, self.options["probe_every"] or PROBE_EVERY
+        self._roots = {}
         self._set_probing()
 
     def probe_every(self, handle) -> int:
@@ -301,10 +302,24 @@ class RECM(Controller):
 
     def gap(self, layer) -> torch.Tensor:
         """s = √max(0, EMA(b²) − 2·EMA(ν²)/√p), the EMAs bias-corrected, p from ``noise_entries``."""
-        weight = layer.state("gap_weight").clamp(min=1e-12)
-        entries = self.noise_entries(layer)
-        excess = layer.state("gap") / weight - 2.0 * layer.state("noise") / weight / entries**0.5
-        return torch.sqrt(torch.clamp(excess, min=0))
+        return self._gap(layer.state("gap"), layer.state("noise"), layer.state("gap_weight"),
+                         self.noise_entries(layer) ** 0.5)
+
+    @staticmethod
+    def _gap(gap, noise, weight, root_entries):
+        """``gap`` for the EMA states (one layer's, or stacked over layers) and √p."""
+        weight = weight.clamp(min=1e-12)
+        return torch.sqrt(torch.clamp(gap / weight - 2.0 * noise / weight / root_entries, min=0))
+
+    def _root_entries(self, names, like: torch.Tensor) -> torch.Tensor:
+        """√p of the layers ``names``, stacked: under allowance "maps" constants, copied to the device once."""
+        if self.options["allowance"] != "maps":
+            return torch.stack([self.noise_entries(self.layers[name]) ** 0.5 for name in names]).to(like.dtype)
+        key = (tuple(names), like.dtype, like.device)
+        if key not in self._roots:
+            roots = torch.tensor([self.noise_entries(self.layers[name]) ** 0.5 for name in names], dtype=like.dtype)
+            self._roots[key] = to_device_async(roots, like.device)
+        return self._roots[key]
 
     @hookimpl
     def equirelax_after_optimizer_step(self, handle, finite):
@@ -395,22 +410,29 @@ class RECM(Controller):
         a = self.rate(handle, self.steps - self.last_probe)  # (the steps since the last probe)
         tau, gamma0 = self.options["tau"], self.options["gamma0"]
         trust = self.trust(handle)
-        with torch.no_grad():
-            for name, values in zip(measured, sums):
+        names = list(measured)
+        with torch.no_grad():  # the scalars of every probed layer at once
+            for name in names:
                 layer = self.layers[name]
                 layer.probe_sums = layer.probe_rows = None
                 for key, value in zip(("input_moment", "output_moment"), moments.get(name, ())):  # "rows"
                     state = layer.state(key)
                     state.copy_(self.keep_if(finite, (1 - a) * state + a * value, state))
-                output = values[2].clamp(min=tiny)
-                cross, noise = (values[0] / output).to(layer.gamma.dtype), (values[1] / output).to(layer.gamma.dtype)
-                for key, value in (("gap", cross), ("noise", noise)):
-                    state = layer.state(key)
-                    state.copy_(self.keep_if(finite, (1 - a) * state + a * value, state))
-                weight = layer.state("gap_weight")
-                weight.copy_(self.keep_if(finite, (1 - a) * weight + a, weight))
-                gamma_new = trust * torch.clamp(self.gap(layer) / tau, max=1.0) + (1 - trust) * gamma0
-                layer.gamma.copy_(self.keep_if(finite, gamma_new, layer.gamma))
+            values = torch.stack(sums)  # [layers, 5]
+            output = values[:, 2].clamp(min=tiny)
+            dtype = self.layers[names[0]].gamma.dtype
+            updated = {}
+            for key, value in (("gap", (values[:, 0] / output).to(dtype)), ("noise", (values[:, 1] / output).to(dtype)),
+                               ("gap_weight", None)):
+                state = self.stacked(key, names)
+                new = (1 - a) * state + (a if value is None else a * value)
+                updated[key] = self.keep_if(finite, new, state)
+                self.write_back(key, updated[key], names)
+            roots = self._root_entries(names, updated["gap"])
+            gap = self._gap(updated["gap"], updated["noise"], updated["gap_weight"], roots)
+            gamma_new = trust * torch.clamp(gap / tau, max=1.0) + (1 - trust) * gamma0
+            gammas = [self.layers[name].gamma for name in names]
+            torch._foreach_copy_(gammas, list(self.keep_if(finite, gamma_new, torch.stack(gammas)).unbind()))
 
     @hookimpl
     def equirelax_metrics(self, handle):

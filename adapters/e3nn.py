@@ -187,4 +187,4 @@ class MergePlan:
     def _delta(self, blocks: list) -> torch.Tensor:
         _, _, flat, factors = self._on(blocks[0].device)
         scalars = torch.cat([block.reshape(-1) for block in blocks])
-        return scalars[flat].to(self.linear.weight.dtype) * factors
+        return scalars.index_select(0, flat).to(self.linear.weight.dtype) * factors

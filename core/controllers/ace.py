@@ -201,7 +201,7 @@ class ACE(Controller):
             all_reduce_(values)
             grads.update(zip(tapped, values[0].unbind()))
         names = list(grads)
-        gammas = torch.stack([layers[name].gamma.detach().reshape(()) for name in names])
+        gammas = torch.stack([layers[name].gamma for name in names])  # (under no_grad)
         g = -torch.stack([grads[name].reshape(()) for name in names]) * torch.sign(gammas)  # > 0: |γ| should grow
         for key, value in (("grad_mean", g), ("grad_sq", g * g), ("grad_weight", torch.ones_like(g))):
             state = self.stacked(key, names)
@@ -220,7 +220,7 @@ class ACE(Controller):
     def _budget_step(self, handle, finite):
         r2, k_i, rate = self._gains(handle)
         with torch.no_grad():  # every layer at once
-            gamma = torch.stack([layer.gamma.detach().reshape(()) for layer in self.layers.values()])
+            gamma = torch.stack([layer.gamma for layer in self.layers.values()])
             lam = self.stacked("lambda")
             if self.resilient:
                 kappa = self.consistency(self.stacked("grad_weight"), self.stacked("grad_mean"),
@@ -248,9 +248,7 @@ class ACE(Controller):
                     else:
                         kept = layer.equivariant_weight(branch.weight.detach())[:, : layer.feature_dim]
                         plan(given_up[index] * kept)
-            torch._foreach_copy_([layer.gamma for layer in self.layers.values()],
-                                 [value.reshape(layer.gamma.shape) for value, layer in
-                                  zip(new_gamma.unbind(), self.layers.values())])
+            torch._foreach_copy_([layer.gamma for layer in self.layers.values()], list(new_gamma.unbind()))
 
     # ------------------------------------------------------------------- hooks
     @hookimpl

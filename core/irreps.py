@@ -145,6 +145,11 @@ class GeneratorAction:
                 (False, "contract"): G.reshape(3 * d, d), (True, "contract"): G.transpose(1, 2).reshape(3 * d, d)}))
         self._cache = {}
 
+    @property
+    def acts(self) -> bool:
+        """Whether any generator is non-zero here (an irrep with l > 0; on scalars every A_k is 0)."""
+        return bool(self._groups)
+
     def _on(self, dtype, device):
         key = (dtype, device)
         if key not in self._cache:

@@ -179,6 +179,8 @@ def lie_derivative_terms_and_gradients(branch: nn.Module, x: torch.Tensor, A_in,
 
         return lie.detach(), norm.detach(), gradients
     with torch.no_grad():
+        if not (A_in.acts or A_out.acts):  # scalars only: LD is exactly 0, N and its gradient from the rows
+            return _norm_terms_and_gradients(branch, x)
         if route == "rank":
             A, B = branch.A.detach(), branch.B.detach()
             lie, norm, parts = _lowrank_terms(A, B, x, A_in, A_out)
@@ -202,6 +204,24 @@ def lie_derivative_terms_and_gradients(branch: nn.Module, x: torch.Tensor, A_in,
                         pairs = ((branch.weight, d_W),)
                 return {p: g for p, g in pairs if p.requires_grad}
     return lie, norm, gradients
+
+
+def _norm_terms_and_gradients(branch, x: torch.Tensor):
+    """``lie_derivative_terms_and_gradients`` of a linear branch between scalars: LD = 0, N = mean_n ‖W x_n‖²."""
+    n = max(x.shape[0], 1)
+    lowrank = isinstance(branch, LowRankBranch)
+    z = x @ branch.A.detach().T if lowrank else x
+    y = z @ (branch.B if lowrank else branch.weight).detach().T
+
+    def gradients(alpha, beta):
+        with torch.no_grad():
+            d_y = (2 * beta / n) * y
+            pairs = (((branch.A, (d_y @ branch.B.detach()).T @ x), (branch.B, d_y.T @ z)) if lowrank
+                     else ((branch.weight, d_y.T @ x),))
+        return {p: g for p, g in pairs if p.requires_grad}
+
+    norm = y.pow(2).sum() / n
+    return torch.zeros_like(norm), norm, gradients
 
 
 def _is_zero(c) -> bool:

@@ -163,8 +163,9 @@ class GeneratorAction:
         m = M.shape[0]
         out = M.new_zeros(3, m, self.dim)
         for index, d, stacked in self._on(M.dtype, M.device):
-            block = M.index_select(1, index).reshape(-1, d) @ stacked[transposed, "act"]  # [m·copies, 3d]
-            out.index_copy_(2, index, block.reshape(m, -1, 3, d).permute(2, 0, 1, 3).reshape(3, m, -1))
+            copies = index.shape[0] // d
+            block = M.index_select(1, index).reshape(m * copies, d) @ stacked[transposed, "act"]  # [m·copies, 3d]
+            out.index_copy_(2, index, block.reshape(m, copies, 3, d).permute(2, 0, 1, 3).reshape(3, m, copies * d))
         return out
 
     def contract(self, M: torch.Tensor, transposed: bool = False) -> torch.Tensor:
@@ -173,8 +174,9 @@ class GeneratorAction:
         m = M.shape[1]
         out = M.new_zeros(m, self.dim)
         for index, d, stacked in self._on(M.dtype, M.device):
-            block = M.index_select(2, index).reshape(3, m, -1, d).permute(1, 2, 0, 3).reshape(-1, 3 * d)
-            out.index_copy_(1, index, (block @ stacked[transposed, "contract"]).reshape(m, -1))
+            copies = index.shape[0] // d
+            block = M.index_select(2, index).reshape(3, m, copies, d).permute(1, 2, 0, 3).reshape(m * copies, 3 * d)
+            out.index_copy_(1, index, (block @ stacked[transposed, "contract"]).reshape(m, copies * d))
         return out
 
     def left(self, M: torch.Tensor) -> torch.Tensor:

@@ -696,7 +696,14 @@ def test_blockwise_generator_action_equals_dense_generators():
     irreps = "2x0e+1x1o+2x2e+1x3o"
     x = torch.randn(7, 2 + 3 + 10 + 7)
     dense = torch.einsum("kij,nj->kni", so3_generators(irreps), x)
-    assert torch.allclose(GeneratorAction(irreps)(x), dense, atol=1e-12)
+    action = GeneratorAction(irreps)
+    assert torch.allclose(action(x), dense, atol=1e-12)
+    assert action(x[:0]).shape == (3, 0, x.shape[1])  # a layer that saw no rows this step
+    # the adjoint used by CR's hand-taken gradients: Σ_k M_k A_k and Σ_k M_k A_kᵀ
+    M = torch.randn(3, 5, x.shape[1])
+    assert torch.allclose(action.contract(M), torch.einsum("kmi,kij->mj", M, so3_generators(irreps)), atol=1e-12)
+    assert torch.allclose(action.contract(M, transposed=True),
+                          torch.einsum("kmi,kji->mj", M, so3_generators(irreps)), atol=1e-12)
 
 
 @pytest.mark.parametrize("kind,through_rank", [("linear", False), ("lowrank", False), ("lowrank", True)])

@@ -47,6 +47,14 @@ def make_batch(table, n=8):
     return mace_batch(emt_configurations(n, seed=0, field=[0.0, 0.0, 0.3]), table, cutoff=4.5)
 
 
+def train_loss(batch):
+    """The benchmark's training loss of a model on ``batch``: energy and force MSE, forces by autograd."""
+    def loss(model):
+        out = model(batch, training=True, compute_force=True)
+        return ((out["energy"] - batch["energy"]) ** 2).mean() + ((out["forces"] - batch["forces"]) ** 2).mean()
+    return loss
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", default="64x0e + 64x1o")
@@ -68,12 +76,8 @@ def main():
         model, controller, branch=args.branch, rank=args.rank, total_steps=TIMING_BUDGET, **options), args.controllers,
         extra=args.controller_options)
 
-    def loss(model):
-        out = model(batch, training=True, compute_force=True)
-        return ((out["energy"] - batch["energy"]) ** 2).mean() + ((out["forces"] - batch["forces"]) ** 2).mean()
-
     sync = device_sync(args.device)
-    train, infer = time_variants(variants, loss, lambda model: model(batch, training=False, compute_force=True),
+    train, infer = time_variants(variants, train_loss(batch), lambda model: model(batch, training=False, compute_force=True),
                                  args.repeats, args.steps, sync)
     n_atoms = batch["positions"].shape[0]
     print(f"# MACE ({args.hidden}, 2 interactions, correlation 3), {args.branch} branch"

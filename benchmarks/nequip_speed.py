@@ -39,6 +39,15 @@ def make_batch(n=8):
     return nequip_batch(emt_configurations(n, seed=0, field=[0.0, 0.0, 0.3]), TYPE_NAMES, 4.5)
 
 
+def train_loss(batch):
+    """The benchmark's training loss of a model on ``batch``: energy and force MSE."""
+    def loss(model):
+        out = model(dict(batch))
+        return ((out["total_energy"] - batch["total_energy"]) ** 2).mean() \
+            + ((out["forces"] - batch["forces"]) ** 2).mean()
+    return loss
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--features", type=int, default=32)
@@ -61,13 +70,7 @@ def main():
         **options), args.controllers,
         extra=args.controller_options)
     sync = device_sync(args.device)
-
-    def loss(model):
-        out = model(dict(batch))
-        return ((out["total_energy"] - batch["total_energy"]) ** 2).mean() \
-            + ((out["forces"] - batch["forces"]) ** 2).mean()
-
-    train, infer = time_variants(variants, loss, lambda model: model(dict(batch)), args.repeats, args.steps, sync)
+    train, infer = time_variants(variants, train_loss(batch), lambda model: model(dict(batch)), args.repeats, args.steps, sync)
     n_atoms = batch["pos"].shape[0]
     print(f"# NequIP ({args.features} features, l_max {args.l_max}, {args.layers} layers), {args.branch} branch"
           f"{'' if args.rank is None else f' (rank {args.rank})'} on every conv linear_1/linear_2, batch of 8 "

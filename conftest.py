@@ -1,5 +1,12 @@
 """Shared by ``tests/`` and ``integration_tests/``."""
 
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 
 import pytest
@@ -87,3 +94,73 @@ def _probe_sides(handle, forward, structure_of_row):
 def probe_sides():
     """``probe_sides(handle, forward, structure_of_row)``: see ``_probe_sides``."""
     return _probe_sides
+
+
+def _descendants(pid: int) -> list:
+    """Every process below ``pid`` (torchrun starts its ranks in sessions of their own)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _torchrun_once(argv, cwd, env, hang_after):
+    """``(returncode, stdout, stderr, hung)``. A run still going after ``hang_after`` s (a normal one takes
+    10-40 s) has its processes' Python stacks printed (faulthandler, on SIGABRT) and is killed."""
+    env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+        try:
+            process.wait(timeout=hang_after)
+            hung = False
+        except subprocess.TimeoutExpired:
+            hung = True
+            ranks = _descendants(process.pid)
+            for pid in [*ranks, process.pid]:
+                _signal(pid, signal.SIGABRT)
+            time.sleep(5)
+            for pid in [*ranks, process.pid]:
+                _signal(pid, signal.SIGKILL)
+            process.wait()
+        out.seek(0)
+        err.seek(0)
+        return process.returncode, out.read(), err.read(), hung
+
+
+def _signal(pid, sig):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _torchrun(argv, cwd=None, env=None, hang_after=300):
+    """``torchrun --standalone --nproc_per_node 2 ARGV``, asserting it exits 0; returns its stdout. A run
+    that hangs is run once more, with the first try's stacks given as a warning: two hangs fail the test
+    with the stacks of the second."""
+    code, out, err, hung = _torchrun_once(argv, cwd, env, hang_after)
+    if hung:
+        warnings.warn(f"torchrun {' '.join(map(str, argv))} hung for {hang_after} s and was run again; its "
+                      f"stacks:\n{err[-8000:]}")
+        code, out, err, hung = _torchrun_once(argv, cwd, env, hang_after)
+    assert not hung, f"hung twice for {hang_after} s; the stacks:\n{err[-10000:]}"
+    assert code == 0, out[-3000:] + err[-5000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """``torchrun(argv, cwd=None, env=None)``: see ``_torchrun``."""
+    return _torchrun

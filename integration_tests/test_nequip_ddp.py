@@ -5,7 +5,6 @@ forward, so what the reduction adds for RECM (statistics of the global batch, no
 against a single process in tests/test_distributed.py."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ CASES = {"recm": {}, "cr": {"reg_weight": 0.1}, "ace-resilient": {}}
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory):
+def ddp_runs(tmp_path_factory, torchrun):
     root = tmp_path_factory.mktemp("nequip_ddp")
     write_emt_dataset(root / "train.xyz", 25, seed=0, field=[0.0, 0.0, 0.3])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
@@ -40,13 +39,8 @@ def ddp_runs(tmp_path_factory):
         config["trainer"].update(devices=2, strategy="ddp_find_unused_parameters_true" if controller == "recm"
                                  else "ddp")
         write_config(directory, "config", config)
-        result = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             str(Path(sys.executable).parent / "nequip-train"), "-cp", str(directory), "-cn", "config",
-             f"hydra.run.dir={directory / 'out'}"],
-            cwd=directory, capture_output=True, text=True, env=env, timeout=600,
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        torchrun([str(Path(sys.executable).parent / "nequip-train"), "-cp", str(directory), "-cn", "config",
+                  f"hydra.run.dir={directory / 'out'}"], cwd=directory, env=env)
         runs[controller] = [torch.load(directory / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return runs
 

@@ -2,8 +2,6 @@
 state and weights, equal to a single process training on the same global batches."""
 
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,11 +22,9 @@ def _flatten(node, prefix=""):
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def ranks(tmp_path_factory, torchrun):
     out = tmp_path_factory.mktemp("ddp")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(WORKER), str(out)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    torchrun([str(WORKER), str(out)])
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

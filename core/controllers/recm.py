@@ -225,9 +225,9 @@ class RECM(Controller):
             raise ValueError(f"equirelax: recm option 'probe_every' must be an integer >= 2 or null (4, or "
                              f"⌈total_steps / {MAX_PROBES}⌉ in longer runs), got {every!r}")
         saturated = self.options["probe_every_saturated"]
-        if saturated is not None and (not self._is_integer(saturated) or saturated < (every or PROBE_EVERY)):
+        if saturated is not None and (not self._is_integer(saturated) or saturated < self.given_interval):
             raise ValueError(f"equirelax: recm option 'probe_every_saturated' must be an integer >= probe_every "
-                             f"({every or PROBE_EVERY}) or null (4 × probe_every), got {saturated!r}")
+                             f"({self.given_interval}) or null (4 × probe_every), got {saturated!r}")
         if not 0 <= self.options["gamma0"] <= 1:
             raise ValueError(f"equirelax: recm option 'gamma0' must be in [0, 1], got {self.options['gamma0']!r}")
 
@@ -254,12 +254,16 @@ class RECM(Controller):
             layer.add_state("probe_updates", torch.zeros((), dtype=torch.long), fresh_if_missing=True)
             # the probing schedule: the last probing step (-1: none yet) and the steps from it to the next
             layer.add_state("last_probe", torch.full((), -1, dtype=torch.long), fresh_if_missing=True)
-            layer.add_state("probe_interval", torch.tensor(self.options["probe_every"] or PROBE_EVERY),
-                            fresh_if_missing=True)
+            layer.add_state("probe_interval", torch.tensor(self.given_interval), fresh_if_missing=True)
         # (a host may give the budget after relaxing: the first step's hook sets the interval from it)
-        self.steps, self.last_probe, self.interval = 0, -1, self.options["probe_every"] or PROBE_EVERY
+        self.steps, self.last_probe, self.interval = 0, -1, self.given_interval
         self._roots = {}
         self._set_probing()
+
+    @property
+    def given_interval(self) -> int:
+        """``probe_every`` as given, else PROBE_EVERY: the interval before the budget is known."""
+        return self.options["probe_every"] or PROBE_EVERY
 
     def probe_every(self, handle) -> int:
         """``probe_every``, or by default PROBE_EVERY, and ⌈T / MAX_PROBES⌉ where that is larger (T the budget)."""
@@ -335,7 +339,7 @@ class RECM(Controller):
     @hookimpl
     def equirelax_load_state_dict(self, handle, state):
         first = next(iter(self.layers.values()))
-        every = self.options["probe_every"] or PROBE_EVERY  # (what checkpoints from before the schedule probed at)
+        every = self.given_interval  # (what checkpoints from before the schedule probed at)
         self.steps, self.last_probe = int(first.state("steps")), int(first.state("last_probe"))
         self.interval = int(first.state("probe_interval"))
         if self.last_probe < 0 and self.steps >= every:  # a checkpoint from before the schedule was saved

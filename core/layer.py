@@ -291,9 +291,12 @@ class RelaxedLayer(nn.Module):
         """Whether a forward now probes: on RECM's probing step, and only a training forward. One under
         no_grad, or a host's evaluation in train mode with its parameters frozen (MACE validates so, and RECM
         may be mid-schedule then), sees the relaxed model."""
-        return (self.probing and self.training and torch.is_grad_enabled()
-                and self._buffers.get("probe_A") is not None
-                and any(p.requires_grad for p in self.branch.parameters()))
+        return self.probing and self._buffers.get("probe_A") is not None and self.trains_branch_now()
+
+    def trains_branch_now(self) -> bool:
+        """Whether a forward now trains the branch: train mode, gradients recorded and the branch trainable (not a
+        forward under no_grad, nor a host's evaluation in train mode with its parameters frozen)."""
+        return self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.branch.parameters())
 
     # ----------------------------------------------------------------- forward
     def forward(self, *args, **kwargs):
@@ -303,7 +306,7 @@ class RelaxedLayer(nn.Module):
         if self.mode == "equivariant" and not probing:
             return out
         x = self.branch_input(args)
-        if recording and self.capture_inputs:
+        if self.capture_inputs and recording and self.trains_branch_now():  # (CR's regulariser: training rows only)
             self.cached_inputs.append(x.detach())
         if probing:
             return self.probing_forward(out, x, recording)

@@ -309,6 +309,37 @@ def test_a_recm_probing_step_computes_the_dense_formula(branch, blockwise, monke
     assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(grads, expected_grads))
 
 
+def test_cr_regularises_only_the_rows_of_training_forwards():
+    """CR's regulariser is taken over the rows the step trained on. A host's evaluation in train mode with its
+    parameters frozen (MACE validates so, at every epoch's end and before the first step) adds none: before,
+    the first step after a validation also regularised every validation row."""
+    from equirelax.core.layer import RelaxedLayer
+
+    torch.manual_seed(0)
+    x_train, x_valid = torch.randn(16, 20, dtype=torch.float64), torch.randn(40, 20, dtype=torch.float64)
+    values, grads = [], []
+    for validate in (False, True):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(o3.Linear("8x0e+4x1o", "6x0e+3x1o").to(torch.float64))
+        handle = equirelax.relax(model, "cr", schedule="constant", init="random")
+        layer = next(m for m in model.modules() if isinstance(m, RelaxedLayer))
+        optimizer = handle.wrap(torch.optim.SGD(model.parameters(), lr=0.0))
+        if validate:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model(x_valid.requires_grad_()).pow(2).sum()  # gradients on (forces), parameters frozen
+            for p in model.parameters():
+                p.requires_grad_(True)
+            assert layer.cached_inputs == []
+        model(x_train).pow(2).sum().backward()
+        assert sum(c.shape[0] for c in layer.cached_inputs) == 16
+        optimizer.step()
+        values.append(float(handle.controller.last_regulariser))
+        grads.append(layer.branch.A.grad.clone())
+    assert values[0] > 0 and values[1] == values[0]
+    assert torch.equal(grads[1], grads[0])
+
+
 def test_recm_probes_only_training_forwards():
     """On a probing step, a forward under no_grad, or a host's evaluation in train mode with the parameters frozen
     (MACE validates so, between two training steps), is the relaxed model: the probe maps stand in for no

@@ -3,7 +3,9 @@
 One global level θ shared by all relaxed layers, set by a schedule over epochs,
 plus a regulariser on the branch only: λ_reg·(√LD + √N), with the Lie-derivative
 term LD = Σ_k ‖f(A_k x) − A_k f(x)‖² over the three so(3) generators and the
-norm term N = ‖f(x)‖², both on detached layer inputs. The regulariser's gradient
+norm term N = ‖f(x)‖², both on the detached inputs of the step's training forwards
+(not a host's evaluation between steps: MACE validates in train mode with its
+parameters frozen). The regulariser's gradient
 is added to the branch gradients after backward, so the host loss is untouched.
 
 ``regulariser="reference"`` (default) is the published one: LD and N summed over

@@ -291,12 +291,13 @@ class RelaxedLayer(nn.Module):
         """Whether a forward now probes: on RECM's probing step, and only a training forward. One under
         no_grad, or a host's evaluation in train mode with its parameters frozen (MACE validates so, and RECM
         may be mid-schedule then), sees the relaxed model."""
-        return self.probing and self._buffers.get("probe_A") is not None and self.trains_branch_now()
+        return self.probing and self._buffers.get("probe_A") is not None and self.trains_now()
 
-    def trains_branch_now(self) -> bool:
-        """Whether a forward now trains the branch: train mode, gradients recorded and the branch trainable (not a
-        forward under no_grad, nor a host's evaluation in train mode with its parameters frozen)."""
-        return self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.branch.parameters())
+    def trains_now(self) -> bool:
+        """Whether a forward is a training one: train mode, gradients recorded and some of the layer's parameters
+        trainable (not a forward under no_grad, nor a host's evaluation in train mode with its parameters frozen,
+        as MACE validates). Only such forwards probe, give CR its rows and the symmetry map its sample."""
+        return self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
     # ----------------------------------------------------------------- forward
     def forward(self, *args, **kwargs):
@@ -306,11 +307,12 @@ class RelaxedLayer(nn.Module):
         if self.mode == "equivariant" and not probing:
             return out
         x = self.branch_input(args)
-        if self.capture_inputs and recording and self.trains_branch_now():  # (CR's regulariser: training rows only)
+        training = recording and self.trains_now()
+        if training and self.capture_inputs:
             self.cached_inputs.append(x.detach())
         if probing:
             return self.probing_forward(out, x, recording)
-        if recording:  # a few rows, for the symmetry-breaking level (a copy, not a view)
+        if training:  # a few rows, for the symmetry-breaking level (a copy, not a view)
             self.sample = (x.detach()[:SAMPLE_ROWS].clone(), out.detach()[:SAMPLE_ROWS].clone())
         gamma = self.gamma.to(out.dtype)
         if self.mode == "projected":

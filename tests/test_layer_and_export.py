@@ -340,6 +340,26 @@ def test_cr_regularises_only_the_rows_of_training_forwards():
     assert torch.equal(grads[1], grads[0])
 
 
+def test_the_symmetry_map_reads_the_last_training_rows_not_a_frozen_evaluation():
+    """``breaking`` is measured on rows of the last training forward; a host's evaluation in train mode with its
+    parameters frozen (MACE validates so, then logs the map) leaves it as it was."""
+    from equirelax.core.layer import SAMPLE_ROWS, RelaxedLayer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(o3.Linear("8x0e+4x1o", "6x0e+3x1o").to(torch.float64))
+    handle = equirelax.relax(model, "fixed", init="random")
+    layer = next(m for m in model.modules() if isinstance(m, RelaxedLayer))
+    x_train, x_valid = torch.randn(16, 20, dtype=torch.float64), 5 * torch.randn(40, 20, dtype=torch.float64)
+    model(x_train).pow(2).sum().backward()
+    rows = x_train[:SAMPLE_ROWS]
+    expected = layer.breaking(rows, layer.base(rows).detach())
+    assert handle.breaking() == {next(iter(handle.layers)): expected} and expected > 0
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model(x_valid.requires_grad_()).pow(2).sum()
+    assert layer.breaking() == expected
+
+
 def test_recm_probes_only_training_forwards():
     """On a probing step, a forward under no_grad, or a host's evaluation in train mode with the parameters frozen
     (MACE validates so, between two training steps), is the relaxed model: the probe maps stand in for no

@@ -77,7 +77,8 @@ def main():
         extra=args.controller_options)
 
     sync = device_sync(args.device)
-    train, infer = time_variants(variants, train_loss(batch), lambda model: model(batch, training=False, compute_force=True),
+    train, infer = time_variants(variants, train_loss(batch),
+                                 lambda model: model(batch, training=False, compute_force=True),
                                  args.repeats, args.steps, sync)
     n_atoms = batch["positions"].shape[0]
     print(f"# MACE ({args.hidden}, 2 interactions, correlation 3), {args.branch} branch"

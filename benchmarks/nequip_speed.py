@@ -70,7 +70,8 @@ def main():
         **options), args.controllers,
         extra=args.controller_options)
     sync = device_sync(args.device)
-    train, infer = time_variants(variants, train_loss(batch), lambda model: model(dict(batch)), args.repeats, args.steps, sync)
+    train, infer = time_variants(variants, train_loss(batch), lambda model: model(dict(batch)), args.repeats,
+                                 args.steps, sync)
     n_atoms = batch["pos"].shape[0]
     print(f"# NequIP ({args.features} features, l_max {args.l_max}, {args.layers} layers), {args.branch} branch"
           f"{'' if args.rank is None else f' (rank {args.rank})'} on every conv linear_1/linear_2, batch of 8 "

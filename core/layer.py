@@ -307,7 +307,7 @@ class RelaxedLayer(nn.Module):
         if self.mode == "equivariant" and not probing:
             return out
         x = self.branch_input(args)
-        training = recording and self.trains_now()
+        training = probing or (recording and self.trains_now())  # (a probing forward is a training one)
         if training and self.capture_inputs:
             self.cached_inputs.append(x.detach())
         if probing:

@@ -309,6 +309,19 @@ def test_a_recm_probing_step_computes_the_dense_formula(branch, blockwise, monke
     assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(grads, expected_grads))
 
 
+def _frozen_evaluation(model, x):
+    """A host's evaluation in train mode with gradients on (forces) and every parameter frozen, as MACE validates;
+    the parameters' flags are restored afterwards."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        return model(x.requires_grad_())
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+
+
 def test_cr_regularises_only_the_rows_of_training_forwards():
     """CR's regulariser is taken over the rows the step trained on. A host's evaluation in train mode with its
     parameters frozen (MACE validates so, at every epoch's end and before the first step) adds none: before,
@@ -325,11 +338,7 @@ def test_cr_regularises_only_the_rows_of_training_forwards():
         layer = next(m for m in model.modules() if isinstance(m, RelaxedLayer))
         optimizer = handle.wrap(torch.optim.SGD(model.parameters(), lr=0.0))
         if validate:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            model(x_valid.requires_grad_()).pow(2).sum()  # gradients on (forces), parameters frozen
-            for p in model.parameters():
-                p.requires_grad_(True)
+            _frozen_evaluation(model, x_valid)
             assert layer.cached_inputs == []
         model(x_train).pow(2).sum().backward()
         assert sum(c.shape[0] for c in layer.cached_inputs) == 16
@@ -354,9 +363,7 @@ def test_the_symmetry_map_reads_the_last_training_rows_not_a_frozen_evaluation()
     rows = x_train[:SAMPLE_ROWS]
     expected = layer.breaking(rows, layer.base(rows).detach())
     assert handle.breaking() == {next(iter(handle.layers)): expected} and expected > 0
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model(x_valid.requires_grad_()).pow(2).sum()
+    _frozen_evaluation(model, x_valid)
     assert layer.breaking() == expected
 
 
@@ -380,8 +387,6 @@ def test_recm_probes_only_training_forwards():
     layer.probe_sums = layer.probe_leaves = None
     with torch.no_grad():
         assert torch.allclose(model(x), relaxed, atol=1e-12)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    assert torch.allclose(model(x.requires_grad_()), relaxed, atol=1e-12)
+    assert torch.allclose(_frozen_evaluation(model, x), relaxed, atol=1e-12)
     assert layer.probe_sums is None and layer.probe_leaves is None
     assert layer.sample_sides == ()  # RECM's split hook gave it no samples' sides for that forward either

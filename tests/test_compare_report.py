@@ -71,7 +71,7 @@ def test_reading_names_the_epoch_and_theta_of_a_cr_model_saved_mid_schedule():
     mid = _run("cr", 121.0, 119.0, {"model.interactions.0.linear": 0.4, "model.products.0.linear": 0.4})
     mid["model_epoch"] = 2  # of 3: the host kept the lowest-validation epoch
     text = "\n".join(compare.reading(_results(_run("vanilla", 120.0), mid)))
-    assert "`cr`: the host kept its epoch-2 model (lowest validation loss), trained at θ = 0.40" in text
+    assert "`cr`: the host kept its epoch-2 model (lowest validation loss), at θ = 0.40" in text
     assert "θ = 0 at epoch 3" in text
     assert "epoch-3" not in "\n".join(compare.reading(_results(_run("cr", 121.0, 121.0, GAMMA_ZERO))))
     early = _run("ace", 121.0, 119.0, {"model.interactions.0.linear": -0.11, "model.products.0.linear": 0.05})

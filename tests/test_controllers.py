@@ -36,6 +36,39 @@ def test_cr_levels_follow_the_schedule_and_end_at_zero(model, train_loop):
     assert len(set(handle.levels().values())) == 1  # one global θ
 
 
+@pytest.mark.parametrize("epochs,steps_per_epoch", [(1, 20), (4, 5)])
+def test_cr_theta_follows_the_schedule_on_every_step_of_the_budget(model, train_loop, epochs, steps_per_epoch):
+    """With the budget known θ moves every step, so a one-epoch fine-tune relaxes (set only at epoch ends, θ
+    stayed 0 all epoch: vanilla training) and its last steps train a model at θ near 0."""
+    x, y = make_task("field", 256)
+    total = epochs * steps_per_epoch
+    handle = equirelax.relax(model, "cr", epochs=epochs, total_steps=total, init="random")
+    branch = copy.deepcopy(handle.layers["0"].branch.state_dict())
+    seen = []
+    for epoch in range(epochs):
+        for _ in range(steps_per_epoch):
+            train_loop(model, handle, x, y, steps=1, seed=len(seen))
+            seen.append(handle.levels()["0"])
+        handle.epoch_end()
+        assert handle.levels()["0"] == seen[-1]  # the epoch's end is where its last step left θ
+    expected = [2 * t / total if t <= total / 2 else 2 * (1 - t / total) for t in range(1, total + 1)]
+    assert seen == pytest.approx(expected)
+    assert max(seen) == pytest.approx(1.0) and seen[-1] == 0.0 and seen[-2] == pytest.approx(2 / total)
+    assert handle.metrics()["cr/theta"] == 0.0
+    trained = handle.layers["0"].branch.state_dict()
+    assert any(not torch.equal(trained[key], value) for key, value in branch.items())  # the branch took part
+
+
+@pytest.mark.parametrize("options", [{}, {"total_steps": 6, "granularity": "epoch"}])
+def test_cr_without_a_budget_or_at_epoch_granularity_moves_theta_at_epoch_ends_only(model, train_loop, options):
+    x, y = make_task("field", 128)
+    handle = equirelax.relax(model, "cr", epochs=2, **options)
+    train_loop(model, handle, x, y, steps=3)
+    assert handle.levels()["0"] == 0.0
+    handle.epoch_end()
+    assert handle.levels()["0"] == 1.0
+
+
 @pytest.mark.parametrize("irreps_in,irreps_out", [("2x0e+1x1o+1x2e", "1x0e+2x1o+1x2e"), ("3x1o", "1x0e+1x1e")])
 def test_lie_derivative_is_zero_only_for_equivariant_maps(irreps_in, irreps_out):
     from equirelax.core._e3nn import o3
@@ -622,7 +655,7 @@ def test_recm_relaxed_model_is_as_accurate_as_the_fixed_branch():
 # ---------------------------------------------------------------------- state
 @pytest.mark.parametrize(
     "controller,options",
-    [("cr", {"epochs": 6}), ("ace", {"total_steps": 40}), ("ace-resilient", {"total_steps": 40}),
+    [("cr", {"epochs": 6}), ("cr", {"epochs": 8, "total_steps": 40}), ("ace", {"total_steps": 40}), ("ace-resilient", {"total_steps": 40}),
      ("recm", {"probe_every": 3, "total_steps": 40}), ("recm", {"allowance": "rows", "total_steps": 40}),
      ("fixed", {})],
 )

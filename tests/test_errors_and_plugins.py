@@ -29,6 +29,7 @@ def test_unknown_controller_option(model):
         ("ace", {"form": "strict"}, "form"),
         ("ace", {"dual": "adam"}, "dual"),
         ("cr", {"epochs": 3, "regulariser": "l2"}, "regulariser"),
+        ("cr", {"epochs": 3, "granularity": "batch"}, "granularity"),
         ("recm", {"tau": -1.0}, "tau"),
         ("recm", {"probe_every": 1}, "probe_every"),
         ("recm", {"probe_every_saturated": 2}, r"'probe_every_saturated' must be an integer >= probe_every \(4\)"),

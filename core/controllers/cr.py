@@ -8,6 +8,17 @@ norm term N = ‖f(x)‖², both on the detached inputs of the step's training f
 parameters frozen). The regulariser's gradient
 is added to the branch gradients after backward, so the host loss is untouched.
 
+The schedule moves on every optimizer step where the run's budget is known (the
+MACE, NequIP and SevenNet plugins give it; ``total_steps`` in a plain loop): θ is
+the schedule at the fractional epoch, so a one-epoch fine-tune relaxes and closes
+within its epoch, and the model the last steps train is already near θ = 0 when
+the branch is dropped. (Set only at epoch ends, a triangular schedule over one
+epoch stayed at θ = 0 throughout, i.e. vanilla training, and over two trained the
+last epoch at θ = 1 and then dropped the branch.) Steps per epoch: the budget over
+``epochs`` until an epoch has ended, then the steps the epochs took. Without a
+budget, or with ``granularity="epoch"``, θ changes at epoch ends only, as in the
+reference code.
+
 ``regulariser="reference"`` (default) is the published one: LD and N summed over
 the batch's rows and over every relaxed layer, one square root per term,
 λ_reg·(√(Σ_layers Σ_rows LD) + √(Σ_layers Σ_rows N)), so λ_reg = 0.01 means what it
@@ -30,6 +41,7 @@ from ..irreps import GeneratorAction
 from .base import Controller
 
 SCHEDULES = ("triangular", "linear", "constant")
+GRANULARITIES = ("step", "epoch")
 REGULARISERS = ("reference", "mean")
 
 
@@ -233,7 +245,7 @@ def _is_zero(c) -> bool:
 class CR(Controller):
     name = "cr"
     defaults = {"schedule": "triangular", "epochs": None, "theta": 1.0, "reg_weight": 0.01, "eps": 1e-12,
-                "regulariser": "reference"}
+                "regulariser": "reference", "granularity": "step"}
     needs_inputs = True
 
     def validate(self):
@@ -249,18 +261,41 @@ class CR(Controller):
                 )
         self._positive("reg_weight", allow_zero=True)
         self._positive("eps")
+        if self.options["granularity"] not in GRANULARITIES:
+            raise ValueError(f"equirelax: cr option 'granularity' must be one of {GRANULARITIES}, "
+                             f"got {self.options['granularity']!r}")
         if self.options["regulariser"] not in REGULARISERS:
             raise ValueError(f"equirelax: cr option 'regulariser' must be one of {REGULARISERS}, "
                              f"got {self.options['regulariser']!r}")
 
-    def theta(self, epoch: int) -> float:
+    def theta(self, epoch: float) -> float:
+        """θ at ``epoch`` epochs into the run (fractional within an epoch)."""
         o = self.options
         return cr_schedule(o["schedule"], epoch, o["epochs"], o["theta"])
+
+    def progress(self, handle) -> float:
+        """Epochs completed, plus the share of the current one done where the budget is known (steps per epoch:
+        the budget over ``epochs`` until an epoch has ended, then the steps the epochs took)."""
+        epoch, total = handle.epoch, handle.total_steps
+        if total is None or self.options["granularity"] == "epoch" or self.options["schedule"] == "constant":
+            return float(epoch)
+        per_epoch = self.epoch_start / epoch if epoch > 0 and self.epoch_start > 0 else total / self.options["epochs"]
+        return epoch + min(1.0, max(0.0, (handle.step - self.epoch_start) / per_epoch))
+
+    def _set_theta(self, handle):
+        value = self.theta(self.progress(handle))
+        if value != self.current:  # (most steps of a long run leave θ where it was only in the last digits)
+            self.current = value
+            for layer in self.layers.values():
+                layer.gamma.data.fill_(value)
 
     def initial_gamma(self) -> float:
         return self.theta(0)
 
     def setup(self, layers):
+        for layer in layers.values():  # the step at which the current epoch began (resume mid-epoch)
+            layer.add_state("epoch_start", torch.zeros((), dtype=torch.long), fresh_if_missing=True)
+        self.epoch_start, self.current = 0, self.theta(0)
         self.generators = {
             name: (GeneratorAction(layer.branch_irreps_in), GeneratorAction(layer.irreps_out))
             for name, layer in layers.items()
@@ -349,14 +384,29 @@ class CR(Controller):
         self.last_regulariser = value
 
     @hookimpl
+    def equirelax_after_optimizer_step(self, handle, finite):
+        if handle.total_steps is not None:
+            self._set_theta(handle)
+
+    @hookimpl
     def equirelax_epoch_end(self, handle, epoch):
-        value = self.theta(epoch)
+        self.epoch_start = handle.step
         for layer in self.layers.values():
-            layer.gamma.data.fill_(value)
+            layer.state("epoch_start").fill_(handle.step)
+        self.current = None  # (written at every epoch end, whatever the last step left)
+        self._set_theta(handle)
+
+    @hookimpl
+    def equirelax_load_state_dict(self, handle, state):
+        self.options.setdefault("granularity", "epoch")  # (a state saved before the option was trained so)
+        self.epoch_start = int(next(iter(self.layers.values())).state("epoch_start"))
+        if handle.epoch > 0 and self.epoch_start == 0:  # a checkpoint from before it was kept: hosts save at epoch ends
+            self.epoch_start = handle.step
+        self.current = float(next(iter(self.layers.values())).gamma)
 
     @hookimpl
     def equirelax_metrics(self, handle):
-        metrics = {"cr/theta": self.theta(handle.epoch)}
+        metrics = {"cr/theta": self.theta(self.progress(handle))}
         if self.last_regulariser is not None:
             metrics["cr/regulariser"] = float(self.last_regulariser)
         return metrics

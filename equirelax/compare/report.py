@@ -121,7 +121,7 @@ def reading(results: dict) -> list[str]:
             continue
         level = max(abs(g) for g in run["gamma"].values())
         if run["controller"] == "cr":
-            at, end = f"trained at θ = {level:.2f}", "the schedule ended (θ = 0"
+            at, end = f"at θ = {level:.2f}", "the schedule ended (θ = 0"
         else:
             at, end = f"at |γ| up to {level:.2f}", "the controller closed (γ = 0"
         lines.append(f"`{run['name']}`: the host kept its epoch-{saved} model ({_saved_model(results)}), {at}, "

@@ -1,4 +1,4 @@
-"""``python kill_at_step.py N mace|nequip <host CLI arguments>``: the host's training CLI, killed with SIGKILL
+"""``python kill_at_step.py N mace|nequip|sevenn <host CLI arguments>``: the host's training CLI, killed with SIGKILL
 just before its N-th optimizer step (mid-epoch, mid-step: nothing gets to save or clean up)."""
 
 import os
@@ -22,6 +22,10 @@ def main(kill_at: int, host: str, args: list[str]) -> None:
         from equirelax.plugins.mace import main as mace_main
 
         mace_main(args)
+    elif host == "sevenn":
+        from equirelax.plugins.sevenn.training import main as sevenn_main
+
+        sevenn_main(args)
     else:
         from nequip.scripts.train import main as nequip_main
 

@@ -1,6 +1,7 @@
 """equirelax-mace-train: MACE's own CLI and YAML, with a relax: section (MACE environment only)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ def data_dir(tmp_path_factory):
     return root
 
 
-def run(cli, workdir, data_dir, config, *extra):
+def run(cli, workdir, data_dir, config, *extra, env=None):
     cli = [str(c) for c in cli] if isinstance(cli, list) else [str(cli)]
     workdir.mkdir(parents=True, exist_ok=True)
     for name in ("train.xyz", "test.xyz"):
@@ -43,7 +44,7 @@ def run(cli, workdir, data_dir, config, *extra):
             target.symlink_to(data_dir / name)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     return subprocess.run([*cli, "--config", "config.yaml", *extra], cwd=workdir, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=None if env is None else {**os.environ, **env})
 
 
 def results(workdir):
@@ -127,8 +128,10 @@ def test_run_killed_mid_epoch_resumes_the_controller_trajectory(tmp_path, data_d
     assert full.returncode == 0, full.stderr[-3000:]
     config = {**BASE, "max_num_epochs": 4, "save_all_checkpoints": True, "relax": relax}
     killer = [sys.executable, str(Path(__file__).with_name("kill_at_step.py")), "4", "mace"]
-    first = run(killer, tmp_path / "resumed", data_dir, config)
+    (tmp_path / "tmp").mkdir()
+    first = run(killer, tmp_path / "resumed", data_dir, config, env={"TMPDIR": str(tmp_path / "tmp")})
     assert first.returncode == -9, first.stderr[-3000:]
+    assert list((tmp_path / "tmp").glob("mace-config-*")) == []  # MACE's copy of the config, without relax:
     second = run(CLI, tmp_path / "resumed", data_dir, config, "--restart_latest")
     assert second.returncode == 0, second.stderr[-3000:]
     key = "equirelax/ace/lambda/interactions.0.linear"

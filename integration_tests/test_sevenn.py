@@ -286,6 +286,20 @@ def test_sevenn_fine_tuning_runs_the_controller_and_writes_a_plain_checkpoint(se
     assert float(md.stdout.split("DRIFT")[1]) < 0.05
 
 
+def test_a_killed_relaxed_run_leaves_nothing_beside_the_users_input(tmp_path):
+    """The copy of input.yaml without its relax section (sevenn refuses unknown sections) goes as soon as sevenn
+    has read it: SIGKILL at the first optimizer step, as a job's time limit would, leaves only the user's files."""
+    _sevenn_data(tmp_path)
+    _input_yaml(tmp_path, "input.yaml", relax={"controller": "ace"})
+    before = sorted(path.name for path in tmp_path.iterdir())
+    killer = [sys.executable, str(Path(__file__).with_name("kill_at_step.py")), "1", "sevenn", "input.yaml", "-s"]
+    result = subprocess.run(killer, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == -9, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [name for name in os.listdir(tmp_path) if name.startswith(".equirelax-input")] == []
+    assert set(before) <= set(os.listdir(tmp_path))
+
+
 def test_relaxed_run_at_gamma_zero_trains_bit_for_bit_like_sevenn(sevenn_run, tmp_path):
     """sevenn's own CLI on the same input, and equirelax-sevenn with γ held at 0: the branches never act, so
     every weight of the best model must be sevenn's, to the bit (the data order and every step included)."""

@@ -2,6 +2,7 @@
 
 import copy
 import io
+import os
 
 import pytest
 import torch
@@ -101,6 +102,7 @@ def test_field_input_setting_is_taken_out_of_macess_config(tmp_path, value, key)
     relax, field_key, argv, stripped = split_equirelax_config(["--config", str(tmp_path / "config.yaml")])
     assert relax is None and field_key == key
     assert yaml.safe_load(open(argv[1])) == {"name": "x"}
+    os.unlink(stripped)
 
 
 def test_a_bad_field_input_setting_names_the_forms_it_takes(tmp_path):

@@ -66,3 +66,18 @@ def test_an_empty_mace_relax_section_relaxes_with_every_default(tmp_path, sectio
     os.unlink(stripped)
     (tmp_path / "plain.yaml").write_text(yaml.safe_dump({"name": "x"}))
     assert split_relax_config(["--config", str(tmp_path / "plain.yaml")])[0] is None
+
+
+@pytest.mark.parametrize("section", [{"controller": "acme"}, {"controller": "ace", "colour": "blue"}])
+def test_a_refused_mace_config_leaves_no_temporary_file(tmp_path, monkeypatch, section):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"name": "x", "relax": section, "field_input": True}))
+    with pytest.raises(ValueError):
+        split_relax_config(["--config", str(tmp_path / "config.yaml")])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"name": "x", "field_input": "yes please"}))
+    with pytest.raises(ValueError, match="field_input"):
+        split_relax_config(["--config", str(tmp_path / "config.yaml")])
+    assert list((tmp_path / "tmp").iterdir()) == []

@@ -39,7 +39,7 @@ def split_relax_config(argv: list[str]):
     """Take the relax settings out of the MACE arguments.
 
     Returns ``(relax_config or None, argv for MACE, temporary config file or None)``; the caller
-    removes the temporary file (the YAML without its ``relax`` section) once MACE has run.
+    removes the temporary file (the YAML without its ``relax`` section) once MACE has read it.
     """
     relax, _, argv, stripped_path = split_equirelax_config(argv)
     return relax, argv, stripped_path
@@ -50,7 +50,7 @@ def split_equirelax_config(argv: list[str]):
     ``field_input`` (YAML key or a bare ``--field_input``).
 
     Returns ``(relax_config or None, field key or None, argv for MACE, temporary config file or None)``; the
-    caller removes the temporary file (the YAML without equirelax's keys) once MACE has run.
+    caller removes the temporary file (the YAML without equirelax's keys) once MACE has read it.
     """
     import yaml
 
@@ -61,7 +61,7 @@ def split_equirelax_config(argv: list[str]):
     if "--field_input" in argv:
         argv.remove("--field_input")
         field_input = True
-    stripped_path = None
+    stripped_path = config_index = None
     for i, arg in enumerate(argv):
         if arg.startswith("--relax="):
             section, given = json.loads(arg.split("=", 1)[1]), True
@@ -83,19 +83,20 @@ def split_equirelax_config(argv: list[str]):
                 section, given = content.pop("relax"), True
             if "field_input" in content:
                 field_input = content.pop("field_input") if field_input is None else field_input
-            if removed:
-                stripped = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, prefix="mace-config-")
-                yaml.safe_dump(content, stripped)
-                stripped.close()
-                stripped_path = stripped.name
-                if "=" in arg:
-                    argv[i] = f"--config={stripped.name}"
-                else:
-                    argv[i + 1] = stripped.name
+            config_index = i if removed else None
             break
     field_key = field_input_key(field_input)
-    if not given:
-        return None, field_key, argv, stripped_path
-    config = validate_relax_config(section)
-    config["all_defaults"] = not section  # said at start-up: an empty section relaxes with every default
+    config = validate_relax_config(section) if given else None
+    if config is not None:
+        config["all_defaults"] = not section  # said at start-up: an empty section relaxes with every default
+    if config_index is not None:  # written only once the settings are valid: a refused config leaves no file
+        stripped = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, prefix="mace-config-")
+        yaml.safe_dump(content, stripped)
+        stripped.close()
+        stripped_path = stripped.name
+        arg = argv[config_index]
+        if "=" in arg:
+            argv[config_index] = f"--config={stripped.name}"
+        else:
+            argv[config_index + 1] = stripped.name
     return config, field_key, argv, stripped_path

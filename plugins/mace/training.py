@@ -367,10 +367,15 @@ def main(argv=None) -> None:
     except (RelaxConfigError, ValueError, TypeError) as error:
         sys.exit(str(error))
     try:
-        _run(config, mace_argv, field_key)
+        _run(config, mace_argv, field_key, stripped_path)
     finally:
-        if stripped_path is not None:
-            os.unlink(stripped_path)
+        _remove(stripped_path)
+
+
+def _remove(path: str | None) -> None:
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 @contextlib.contextmanager
@@ -424,12 +429,13 @@ def check_fine_tuning_flags(args) -> None:
                  "model that mace's convert_e3nn_cueq accelerates afterwards)")
 
 
-def _run(config, mace_argv, field_key=None) -> None:
+def _run(config, mace_argv, field_key=None, stripped_path=None) -> None:
     import mace  # noqa: F401
     from mace import tools
     from mace.cli import run_train
 
     args = tools.build_default_arg_parser().parse_args(mace_argv)
+    _remove(stripped_path)  # MACE has read its config: a run killed later leaves no file behind
     if config is None:
         with distributed_setup(args), field_input_setup(args, field_key):
             run_train.run(args)

@@ -257,7 +257,7 @@ def main(argv=None) -> None:
             return
         session = SevennSession(settings)
         try:
-            with session.installed():
+            with session.installed(), _removed_once_read(stripped):
                 sevenn_main()
         except ValueError as error:
             if str(error).startswith("equirelax:"):
@@ -266,4 +266,28 @@ def main(argv=None) -> None:
         session.export_best(session.working_dir or os.getcwd())
     finally:
         if stripped is not None:
-            os.unlink(stripped)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stripped)
+
+
+@contextlib.contextmanager
+def _removed_once_read(stripped: str):
+    """The stripped ``input.yaml`` is removed as soon as sevenn has read it: a run killed later (a job's time
+    limit) leaves no file beside the user's."""
+    import sevenn.parse_input as parse_input
+
+    original = parse_input.read_config_yaml
+
+    def read_config_yaml(path, *args, **kwargs):
+        try:
+            return original(path, *args, **kwargs)
+        finally:
+            if os.path.abspath(path) == os.path.abspath(stripped):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(stripped)
+
+    parse_input.read_config_yaml = read_config_yaml
+    try:
+        yield
+    finally:
+        parse_input.read_config_yaml = original

@@ -183,7 +183,7 @@ def test_relaxed_and_exported_checkpoints_deploy_as_sevenn_lammps_models(sevenne
     atoms.write(tmp_path / "cluster.xyz")
 
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = dict(os.environ)
     plain = subprocess.run([str(bin_dir / "sevenn_get_model"), "exported.pth", "-o", "deployed_serial"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert plain.returncode == 0, plain.stderr[-3000:]
@@ -243,8 +243,10 @@ def _input_yaml(directory, name, relax=None, **train):
     (directory / name).write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def _sevenn_cli(directory, *arguments, command="equirelax-sevenn", threads=2):
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+def _sevenn_cli(directory, *arguments, command="equirelax-sevenn", threads=None):
+    """The run takes the suite's thread count unless ``threads`` says otherwise (make test gives each of the
+    two environments' suites one core)."""
+    env = {**os.environ, **({} if threads is None else {"OMP_NUM_THREADS": str(threads)})}
     return subprocess.run([str(Path(sys.executable).parent / command), *arguments, "-s"], cwd=directory,
                           capture_output=True, text=True, timeout=900, env=env)
 
@@ -293,8 +295,7 @@ def test_a_killed_relaxed_run_leaves_nothing_beside_the_users_input(tmp_path):
     _input_yaml(tmp_path, "input.yaml", relax={"controller": "ace"})
     before = sorted(path.name for path in tmp_path.iterdir())
     killer = [sys.executable, str(Path(__file__).with_name("kill_at_step.py")), "1", "sevenn", "input.yaml", "-s"]
-    result = subprocess.run(killer, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    result = subprocess.run(killer, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == -9, result.stdout[-3000:] + result.stderr[-3000:]
     assert [name for name in os.listdir(tmp_path) if name.startswith(".equirelax-input")] == []
     assert set(before) <= set(os.listdir(tmp_path))
@@ -367,8 +368,7 @@ def test_compare_fine_tunes_sevennet_vanilla_and_relaxed(tmp_path):
     (tmp_path / "input.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     result = subprocess.run([str(Path(sys.executable).parent / "equirelax"), "compare", "--host", "sevenn", "--config",
                              "input.yaml", "--controllers", "vanilla", "ace", "--out", "out", "--quiet"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     vanilla, ace = results["runs"]

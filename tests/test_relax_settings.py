@@ -81,3 +81,16 @@ def test_a_refused_mace_config_leaves_no_temporary_file(tmp_path, monkeypatch, s
     with pytest.raises(ValueError, match="field_input"):
         split_relax_config(["--config", str(tmp_path / "config.yaml")])
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("form", ["--config=PATH", "--config PATH"])
+def test_the_mace_config_path_is_replaced_in_either_form(tmp_path, form):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"name": "x", "relax": {"controller": "recm"}}))
+    path = str(tmp_path / "config.yaml")
+    argv = ["--seed", "1", *form.replace("PATH", path).split(" "), "--device", "cpu"]
+    config, mace_argv, stripped = split_relax_config(argv)
+    assert config["controller"] == "recm" and stripped != path
+    expected = [f"--config={stripped}"] if "=" in form else ["--config", stripped]
+    assert mace_argv == ["--seed", "1", *expected, "--device", "cpu"]
+    assert yaml.safe_load(open(stripped).read()) == {"name": "x"}
+    os.unlink(stripped)

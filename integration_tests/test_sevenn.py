@@ -183,16 +183,15 @@ def test_relaxed_and_exported_checkpoints_deploy_as_sevenn_lammps_models(sevenne
     atoms.write(tmp_path / "cluster.xyz")
 
     bin_dir = Path(sys.executable).parent
-    env = dict(os.environ)
     plain = subprocess.run([str(bin_dir / "sevenn_get_model"), "exported.pth", "-o", "deployed_serial"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert plain.returncode == 0, plain.stderr[-3000:]
     deployed = subprocess.run([str(bin_dir / "equirelax"), "deploy", "--host", "sevenn", "relaxed.pth"],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+                              cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert deployed.returncode == 0, deployed.stderr[-3000:]
     assert "deployed_serial_relaxed.pt" in deployed.stdout
     run = subprocess.run([sys.executable, "-c", not_installed + LAMMPS_LIKE], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=600, env=env)
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.split("OUT")[1])
     for path, model in (("deployed_serial.pt", exported), ("deployed_serial_relaxed.pt", relaxed)):

@@ -265,9 +265,13 @@ def main(argv=None) -> None:
             raise
         session.export_best(session.working_dir or os.getcwd())
     finally:
-        if stripped is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(stripped)
+        _remove(stripped)
+
+
+def _remove(path: str | None) -> None:
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 @contextlib.contextmanager
@@ -283,8 +287,7 @@ def _removed_once_read(stripped: str):
             return original(path, *args, **kwargs)
         finally:
             if os.path.abspath(path) == os.path.abspath(stripped):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(stripped)
+                _remove(stripped)
 
     parse_input.read_config_yaml = read_config_yaml
     try:

@@ -8,7 +8,9 @@ time on a GPU"). This counts them on the CPU, where the count is the same: leaf 
 (no sub-calls; views included, as each is a dispatch) per step under torch.profiler, split into
 the relaxed layers' forwards, the controller's hooks, and the rest (the host's forward, backward
 and Adam); and the ops among them that compute (no view, allocation or composite: on a GPU each is
-one kernel launch). Same model and batch as ``mace_speed.py``; every controller at its defaults.
+one kernel launch). Same model and batch as ``mace_speed.py``; every controller at its defaults. Where a
+model's counted steps differ (RECM's probing steps), its lightest and heaviest step's computing ops are
+printed by phase below the table.
 """
 
 from __future__ import annotations
@@ -58,20 +60,24 @@ def _computes_below(event) -> bool:
     return _launches(event) or any(_computes_below(child) for child in event.cpu_children)
 
 
-def count_ops(step) -> tuple[collections.Counter, int]:
-    """Leaf aten calls of one ``step()``, by the phase range around them ("host" outside every range), and the
-    number of ops that compute (``_launches``: on a GPU, the kernel launches of the step)."""
+def _phase(event) -> str:
+    parent = event.cpu_parent
+    while parent is not None and not parent.name.startswith("phase:"):
+        parent = parent.cpu_parent
+    return parent.name[len("phase:"):] if parent else "host"
+
+
+def count_ops(step) -> tuple[collections.Counter, collections.Counter]:
+    """Leaf aten calls of one ``step()``, and its ops that compute (``_launches``: on a GPU, the kernel launches
+    of the step), each by the phase range around them ("host" outside every range)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    counts, launches = collections.Counter(), 0
+    counts, launches = collections.Counter(), collections.Counter()
     for event in prof.events():
-        launches += _launches(event)
-        if not event.name.startswith("aten::") or event.cpu_children:
-            continue
-        parent = event.cpu_parent
-        while parent is not None and not parent.name.startswith("phase:"):
-            parent = parent.cpu_parent
-        counts[parent.name[len("phase:"):] if parent else "host"] += 1
+        if _launches(event):
+            launches[_phase(event)] += 1
+        if event.name.startswith("aten::") and not event.cpu_children:
+            counts[_phase(event)] += 1
     return counts, launches
 
 
@@ -94,7 +100,7 @@ def main():
     print("| model | per step | / vanilla | / fixed | relaxed layers' forwards | after_backward | after_step | host "
           "| computing ops (kernels) | / fixed |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    means, kernel_means = {}, {}
+    means, kernel_means, uneven = {}, {}, {}
     for label, (model, handle) in variants.items():
         step = training_step(model, handle, mace_speed.train_loss(batch))
         for _ in range(6):
@@ -103,13 +109,20 @@ def main():
         steps = [counts for counts, _ in counted]
         totals = [sum(c.values()) for c in steps]
         mean = means[label] = sum(totals) / len(totals)
-        kernels = kernel_means[label] = sum(launches for _, launches in counted) / len(counted)
+        kernels = kernel_means[label] = sum(sum(launches.values()) for _, launches in counted) / len(counted)
         over_fixed = f"{mean / means['fixed']:.3f}" if "fixed" in means else "-"
         kernels_over_fixed = f"{kernels / kernel_means['fixed']:.3f}" if "fixed" in kernel_means else "-"
         parts = [sum(c[phase] for c in steps) / len(steps)
                  for phase in ("layers", "after_backward", "after_step", "host")]
         print(f"| {label} | {mean:.0f} ({min(totals)} / {max(totals)}) | {mean / means['vanilla']:.3f} | {over_fixed} | "
               + " | ".join(f"{p:.0f}" for p in parts) + f" | {kernels:.0f} | {kernels_over_fixed} |")
+        if min(totals) != max(totals):  # steps that differ (RECM's probing ones): their computing ops by phase
+            uneven[label] = [counted[totals.index(min(totals))], counted[totals.index(max(totals))]]
+    for label, (light, heavy) in uneven.items():
+        print(f"\n{label}, computing ops of its lightest / heaviest counted step by phase: "
+              + ", ".join(f"{phase} {light[1][phase]} / {heavy[1][phase]}"
+                          for phase in ("layers", "after_backward", "after_step", "host"))
+              + f"; in all {sum(light[1].values())} / {sum(heavy[1].values())}")
 
 if __name__ == "__main__":
     main()

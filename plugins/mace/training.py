@@ -369,13 +369,8 @@ def main(argv=None) -> None:
     try:
         _run(config, mace_argv, field_key, stripped_path)
     finally:
-        _remove(stripped_path)
-
-
-def _remove(path: str | None) -> None:
-    if path is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        if stripped_path is not None:
+            Path(stripped_path).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -435,7 +430,8 @@ def _run(config, mace_argv, field_key=None, stripped_path=None) -> None:
     from mace.cli import run_train
 
     args = tools.build_default_arg_parser().parse_args(mace_argv)
-    _remove(stripped_path)  # MACE has read its config: a run killed later leaves no file behind
+    if stripped_path is not None:  # MACE has read its config: a run killed later leaves no file behind
+        Path(stripped_path).unlink(missing_ok=True)
     if config is None:
         with distributed_setup(args), field_input_setup(args, field_key):
             run_train.run(args)

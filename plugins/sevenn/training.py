@@ -265,13 +265,8 @@ def main(argv=None) -> None:
             raise
         session.export_best(session.working_dir or os.getcwd())
     finally:
-        _remove(stripped)
-
-
-def _remove(path: str | None) -> None:
-    if path is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        if stripped is not None:
+            Path(stripped).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -287,7 +282,7 @@ def _removed_once_read(stripped: str):
             return original(path, *args, **kwargs)
         finally:
             if os.path.abspath(path) == os.path.abspath(stripped):
-                _remove(stripped)
+                Path(stripped).unlink(missing_ok=True)
 
     parse_input.read_config_yaml = read_config_yaml
     try:
